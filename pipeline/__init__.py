@@ -1,0 +1,1 @@
+"""deepfake-tune: tune, track and register a deepfake-classification ensemble."""

@@ -1,0 +1,33 @@
+"""The end-of-session summary printed by ``tune``."""
+
+from __future__ import annotations
+
+import mlflow
+
+from .tracking import redact
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def print_summary(summary) -> None:
+    rows = [("member", "study", "complete/pruned/failed", "best trial", "best val acc")]
+    for arch, m in summary.members.items():
+        rows.append((arch, m["study"], f"{m['complete']}/{m['pruned']}/{m['failed']}",
+                     str(m["best_trial"]), _pct(m["best_val_accuracy"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    e = summary.ensemble
+    if e:
+        a, b = e["member_a"], e["member_b"]
+        print(f"\nensemble  {a.arch}#{a.trial} x {e['weight']:.2f} + {b.arch}#{b.trial} x {1 - e['weight']:.2f} "
+              f"({e['method']} vote)")
+        print(f"          validation accuracy {_pct(e['val_accuracy'])} in-sample, "
+              f"{_pct(e['holdout_accuracy'])} cross-fitted (honest); members {_pct(e['member_a_accuracy'])} "
+              f"and {_pct(e['member_b_accuracy'])}")
+        print(f"          registered as version {e['version']} (alias @challenger)")
+    print(f"\nparent run {summary.parent_run_id}; {summary.seconds:.0f}s")
+    print(f"open the UI:  mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}")

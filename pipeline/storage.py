@@ -1,0 +1,85 @@
+"""Storage URLs and the cross-process lock that serialises schema creation and trial admission.
+
+Two processes creating a fresh Optuna or MLflow schema at once fail (SQLite and PostgreSQL alike),
+and "exactly N trials" across workers needs an atomic count-then-ask. A SQLite storage is guarded
+by a lock file beside the database; a PostgreSQL storage by a session advisory lock in the server
+itself, so workers on different machines are serialised too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+
+def sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///"):])
+
+
+def default_storage(tracking_uri: str) -> str:
+    """A SQLite file beside the MLflow database (or in the working directory for a server)."""
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        return f"sqlite:///{db.parent / 'optuna.db'}" if str(db.parent) not in ("", ".") else "sqlite:///optuna.db"
+    return "sqlite:///optuna.db"
+
+
+def check_url(url: str) -> None:
+    scheme = urlsplit(url).scheme
+    if not scheme or "://" not in url:
+        raise ValueError(f"--storage {url!r} is not a storage URL (e.g. sqlite:///optuna.db or "
+                         "postgresql+psycopg2://user@host/db)")
+    db = sqlite_path(url)
+    if db is not None and db.parent != Path("") and not db.parent.exists():
+        raise ValueError(f"--storage {url!r}: folder {db.parent} does not exist")
+
+
+@contextlib.contextmanager
+def storage_lock(url: str, name: str) -> Iterator[None]:
+    """Hold an exclusive lock named ``name`` for the storage at ``url`` (no-op for other engines)."""
+    db = sqlite_path(url)
+    if db is not None:
+        lock_path = Path(f"{db}.{hashlib.sha1(name.encode()).hexdigest()[:10]}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
+        return
+    yield
+
+
+def retry(action, attempts: int = 5, delay: float = 0.5):
+    """Run ``action`` with a few retries: a concurrent schema creation elsewhere is transient."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception:  # noqa: BLE001 - the last attempt re-raises whatever it was
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay * (attempt + 1) + (os.getpid() % 7) * 0.05)

@@ -1,0 +1,248 @@
+"""One training loop for every architecture.
+
+``fit`` knows nothing of MLflow or Optuna: it calls ``report(epoch, metrics)`` after each epoch and
+returns a ``FitResult``. A listener may raise to stop training (the tuner's pruner does); the
+exception propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .config import DataConfig, TrainConfig, parse_class_weights
+from .data import BatchAugmenter, Dataset, Normalizer
+
+Report = Callable[[int, dict[str, float]], None]
+
+
+class DeviceError(RuntimeError):
+    """A device or precision that this machine cannot provide."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the configuration diverged."""
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    data_seconds: float  # indexing, augmentation and normalisation, outside forward/backward
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    val_probs: np.ndarray  # validation softmax of the best state, N x C, float32
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    data_fraction: float = 0.0
+    stop_reason: str = "max_epochs"  # max_epochs | early_stopping
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {spec!r} was asked for but CUDA is not available on this machine; "
+                              "use --device cpu or --device auto")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    return torch.device(spec)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise DeviceError(f"precision bf16 is not supported on {device}; use --precision fp32 or auto")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def class_weight_tensor(spec: str, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    parsed = parse_class_weights(spec)
+    if parsed == "none":
+        return None
+    if parsed == "balanced":
+        counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+        return counts.sum() / (num_classes * counts)
+    return torch.tensor(parsed, dtype=torch.float32)
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    # Quiet when not a terminal: logs of batch jobs stay readable.
+    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True, **kwargs)
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugmenter,
+                    optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batch_size: int,
+                    device: torch.device, precision: str, generator: torch.Generator,
+                    progress: bool = False) -> EpochStats:
+    model.train()
+    n = len(labels)
+    order = torch.randperm(n, generator=generator).to(images.device)
+    # Sums stay on the device: no host sync per batch.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    data_seconds = 0.0
+    start = time.perf_counter()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()  # BatchNorm cannot train on a batch of one
+    for idx in _progress(batches, progress, leave=False, desc="batches"):
+        t0 = time.perf_counter()
+        x = images[idx].to(device, non_blocking=True)
+        y = labels[idx].to(device, non_blocking=True)
+        x, target = augment(x, y)
+        data_seconds += time.perf_counter() - t0
+        with autocast(device, precision):
+            logits = model(x)
+            loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    mean_loss = (loss_sum / max(seen, 1)).item()
+    if not np.isfinite(mean_loss):
+        raise NonFiniteLossError(f"training loss is {mean_loss}: the run diverged (try a lower learning rate)")
+    return EpochStats(mean_loss, correct.item() / max(seen, 1), seen, time.perf_counter() - start, data_seconds)
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, device: torch.device,
+                  precision: str, batch_size: int = 256) -> torch.Tensor:
+    """Softmax probabilities (float32, on the CPU) for uint8 images."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalizer(images[start:start + batch_size].to(device, non_blocking=True))
+        with autocast(device, precision):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1))
+    return torch.cat(out).cpu()
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer,
+             device: torch.device, precision: str, batch_size: int) -> tuple[float, float, torch.Tensor]:
+    """(mean cross-entropy, accuracy, probabilities) on a labelled split."""
+    probs = predict_probs(model, images, normalizer, device, precision, batch_size)
+    y = labels.cpu()
+    loss = nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
+    accuracy = (probs.argmax(1) == y).float().mean().item()
+    return loss, accuracy, probs
+
+
+def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
+        report: Report | None = None, progress: bool = True) -> FitResult:
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+    model = model.to(device, memory_format=torch.channels_last)
+    # On CUDA the whole uint8 dataset lives on the GPU; on the CPU this is a no-op.
+    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
+    val_x, val_y = data.validation.images.to(device), data.validation.labels
+    augment = BatchAugmenter(data_cfg.augment, data_cfg.normalize, device, data.num_classes,
+                             data_cfg.cutmix_alpha, data_cfg.mixup_alpha)
+    normalizer = augment.normalizer
+    weights = class_weight_tensor(cfg.class_weights, data.train.labels, data.num_classes)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                  label_smoothing=cfg.label_smoothing)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.lr_patience,
+                                                           factor=cfg.lr_factor)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    best_acc, best_epoch, best_state, best_probs = -1.0, 0, None, None
+    history: list[dict[str, float]] = []
+    train_seconds = images = data_seconds = 0.0
+    stop_reason = "max_epochs"
+    epochs = _progress(range(1, cfg.epochs + 1), progress, desc="epochs")
+    for epoch in epochs:
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(model, train_x, train_y, augment, optimizer, loss_fn, cfg.batch_size,
+                                device, precision, generator, progress)
+        train_seconds += stats.seconds
+        data_seconds += stats.data_seconds
+        images += stats.images
+        val_loss, val_acc, probs = evaluate(model, val_x, val_y, normalizer, device, precision,
+                                            cfg.eval_batch_size)
+        scheduler.step(val_acc)
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_probs = val_acc, epoch, probs
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        row = {M.TRAIN_LOSS: stats.loss, M.TRAIN_ACCURACY: stats.accuracy, M.VAL_LOSS: val_loss,
+               M.VAL_ACCURACY: val_acc, M.LR: lr}
+        history.append(row)
+        if hasattr(epochs, "set_postfix"):
+            epochs.set_postfix(loss=f"{stats.loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{best_acc:.3f}")
+        if report is not None:
+            report(epoch, row)
+        if epoch - best_epoch >= cfg.early_stop_patience:
+            stop_reason = "early_stopping"
+            break
+    assert best_state is not None and best_probs is not None
+    return FitResult(
+        best_state=best_state,
+        best_epoch=best_epoch,
+        best_val_accuracy=best_acc,
+        epochs_run=len(history),
+        val_probs=best_probs.numpy().astype(np.float32),
+        history=history,
+        train_seconds=train_seconds,
+        images_per_second=images / train_seconds if train_seconds else 0.0,
+        data_fraction=data_seconds / train_seconds if train_seconds else 0.0,
+        stop_reason=stop_reason,
+        device=str(device),
+        precision=precision,
+    )
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,40 @@
+"""``train``: one architecture, one MLflow run (params, epoch curves, evaluation, checkpoint)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from . import tracking
+from .config import Preset, flat_params, override
+from .data import load_dataset
+from .models import build_model
+from .train import fit, resolve_device
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    summary: dict[str, float]
+
+
+def run_training(preset: Preset, experiment: str, run_name: str | None = None,
+                 progress: bool = True) -> TrainOutcome:
+    client = tracking.client()
+    tracking.check_tracking(client)
+    data = load_dataset(preset.data)
+    preset = replace(preset, model=override(preset.model, num_classes=data.num_classes))
+    model = build_model(preset.model)
+    device = resolve_device(preset.train.device)
+    experiment_id = tracking.ensure_experiment(client, experiment)
+    run_id = tracking.start_run(client, experiment_id, run_name or f"train-{preset.model.arch}",
+                                tags={**tracking.standard_tags(str(device)), "kind": "train",
+                                      "arch": preset.model.arch})
+    with tracking.run_guard(client, run_id):
+        tracking.log_params(client, run_id, {**flat_params(preset), "preset": preset.name})
+        tracking.log_dataset(client, run_id, data)
+        result = fit(model, data, preset.data, preset.train, report=tracking.EpochLogger(client, run_id),
+                     progress=progress)
+        summary = tracking.log_training_outputs(client, run_id, result, data, preset.model, preset.data,
+                                                preset.train)
+        tracking.set_tags(client, run_id, {"precision": result.precision, "stop_reason": result.stop_reason})
+    return TrainOutcome(run_id, summary)

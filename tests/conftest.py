@@ -1,0 +1,125 @@
+"""Shared test fixtures: tiny on-disk datasets under ``tmp_path`` and an isolated cache directory.
+
+Everything a test writes lives under pytest's temporary directories; nothing touches the user's
+``~/.cache`` (the autouse fixture points ``DEEPFAKE_TUNE_CACHE`` at a fresh temporary folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+TINY_CLASSES = 5
+TINY_SIZE = 16
+TINY_COUNTS = {"train": 3, "validation": 1}  # images per class
+TINY_TEST = 4  # unlabelled (or labelled) test images
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` (H x W, H x W x 3 or H x W x 4, uint8) as a PNG, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path, format="PNG")
+    return path
+
+
+def random_image(rng: np.random.Generator, size: int = TINY_SIZE, channels: int = 3) -> np.ndarray:
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+def write_csv(path: Path, rows: list[tuple], header: tuple[str, ...] = ("image_id", "label")) -> Path:
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def make_competition_dataset(root: Path, size: int = TINY_SIZE, counts: dict[str, int] | None = None,
+                             test_count: int = TINY_TEST, test_labels: bool = False, seed: int = 0) -> Path:
+    """The competition layout: ``{train,validation,test}.csv`` (``image_id,label``) and
+    ``<split>/<image_id>.png``. Rows are deliberately not sorted by id or by label, so a loader that
+    sorts instead of keeping CSV order is caught. Every image has distinct random pixels."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    counts = counts or TINY_COUNTS
+    serial = 0
+    for split, per_class in counts.items():
+        rows = []
+        for _ in range(per_class):
+            for label in range(TINY_CLASSES):
+                rows.append((f"{split[:2]}{rng.integers(1 << 30):09x}-{serial}", label))
+                serial += 1
+        order = rng.permutation(len(rows))
+        rows = [rows[i] for i in order]
+        for image_id, _ in rows:
+            write_png(root / split / f"{image_id}.png", random_image(rng, size))
+        write_csv(root / f"{split}.csv", rows)
+    if test_count:
+        rows = []
+        for k in range(test_count):
+            image_id = f"te{rng.integers(1 << 30):09x}-{serial}"
+            serial += 1
+            write_png(root / "test" / f"{image_id}.png", random_image(rng, size))
+            rows.append((image_id, k % TINY_CLASSES) if test_labels else (image_id,))
+        write_csv(root / "test.csv", rows, ("image_id", "label") if test_labels else ("image_id",))
+    return root
+
+
+def make_imagefolder_dataset(root: Path, classes: tuple[str, ...] = ("real", "gan", "Diffusion", "faceswap", "morph"),
+                             size: int = TINY_SIZE, counts: dict[str, int] | None = None,
+                             test: str | None = "flat", test_count: int = TINY_TEST, seed: int = 0) -> Path:
+    """The ImageFolder layout: ``<split>/<class_name>/<id>.png``; ``test`` is ``"flat"``
+    (unlabelled ``test/<id>.png``), ``"classes"`` (by class) or ``None`` (no test split)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    counts = counts or TINY_COUNTS
+    serial = 0
+    for split, per_class in counts.items():
+        for name in classes:
+            for _ in range(per_class):
+                write_png(root / split / name / f"{name}-{serial:03d}.png", random_image(rng, size))
+                serial += 1
+    if test == "flat":
+        for _ in range(test_count):
+            write_png(root / "test" / f"t{serial:03d}.png", random_image(rng, size))
+            serial += 1
+    elif test == "classes":
+        for k in range(test_count):
+            name = classes[k % len(classes)]
+            write_png(root / "test" / name / f"t{serial:03d}.png", random_image(rng, size))
+            serial += 1
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """A valid competition-layout dataset (5 classes, 16x16 RGB, 15/5/4 images); returns its root."""
+    return make_competition_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_imagefolder(tmp_path: Path) -> Path:
+    """A valid ImageFolder dataset (5 named classes, flat unlabelled test/); returns its root."""
+    return make_imagefolder_dataset(tmp_path / "folders")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test may write the decode cache (or anything else) under the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("deepfake-tune-cache")
+    monkeypatch.setenv("DEEPFAKE_TUNE_CACHE", str(cache))
+    return cache

@@ -1,0 +1,686 @@
+"""The dataset layer on tiny on-disk datasets: both layouts, every bad input, the decode cache,
+batch augmentation, the ``data inspect`` CLI, and (when present) the real UniBuc sample.
+
+Images are 16-32 px PNGs written under ``tmp_path``; every ``DataConfig`` gets a ``cache_dir``
+under ``tmp_path`` too. Every bad-input case checks three things: a ``DataError``, a message that
+names the culprit, and that nothing was half-written into the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import (
+    TINY_CLASSES,
+    TINY_COUNTS,
+    TINY_SIZE,
+    TINY_TEST,
+    make_competition_dataset,
+    make_imagefolder_dataset,
+    random_image,
+    read_csv_rows,
+    write_csv,
+    write_png,
+)
+from pipeline.config import DataConfig
+from pipeline.data import BatchAugmenter, DataError, Normalizer, load_dataset, summarize
+from pipeline.data.augment import NORMALIZATION, POLICIES, build_policy
+
+torch.set_num_threads(2)
+# torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every decode.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "unibuc-sample"
+N_TRAIN = TINY_COUNTS["train"] * TINY_CLASSES
+N_VAL = TINY_COUNTS["validation"] * TINY_CLASSES
+
+
+def config(root: Path, cache: Path, **kw) -> DataConfig:
+    return DataConfig(root=str(root), cache_dir=str(cache), **kw)
+
+
+def pixels(path: Path) -> np.ndarray:
+    """What the loader should produce for one file: RGB uint8, 3 x H x W."""
+    return np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+
+
+def cache_leftovers(cache: Path, pattern: str = "*") -> list[Path]:
+    return sorted(cache.glob(pattern)) if cache.exists() else []
+
+
+def assert_nothing_half_written(cache: Path, failed_split: str | None = "train") -> None:
+    """No temporary file ever survives; no cache file exists for the split that failed (and, for a
+    failure in train, the first split decoded, no cache file at all)."""
+    assert cache_leftovers(cache, "*.partial") == []
+    if failed_split == "train" or failed_split is None:
+        assert cache_leftovers(cache, "*.npy") == []
+    else:
+        assert cache_leftovers(cache, f"{failed_split}-*.npy") == []
+
+
+def row_of(root: Path, split: str, index: int) -> tuple[str, int]:
+    """(image_id, CSV line number) of the index-th data row; the header is line 1."""
+    return read_csv_rows(root / f"{split}.csv")[index]["image_id"], index + 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading both layouts
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("test_labels", [False, True], ids=["test-unlabelled", "test-labelled"])
+def test_competition_layout_loads_in_csv_order(tmp_path: Path, test_labels: bool) -> None:
+    root = make_competition_dataset(tmp_path / "data", test_labels=test_labels)
+    ds = load_dataset(config(root, tmp_path / "cache"))
+
+    assert ds.layout == "competition"
+    assert ds.classes == tuple(str(i) for i in range(TINY_CLASSES))
+    assert ds.num_classes == TINY_CLASSES
+    assert ds.image_shape == (3, TINY_SIZE, TINY_SIZE)
+    assert set(ds.splits) == {"train", "validation", "test"}
+    for name, n in (("train", N_TRAIN), ("validation", N_VAL), ("test", TINY_TEST)):
+        split = ds.split(name)
+        rows = read_csv_rows(root / f"{name}.csv")
+        assert split.images.dtype == torch.uint8
+        assert tuple(split.images.shape) == (n, 3, TINY_SIZE, TINY_SIZE)
+        assert split.ids == [r["image_id"] for r in rows]  # CSV order, not sorted
+        for i in (0, n - 1):  # pixels belong to the id at the same position
+            np.testing.assert_array_equal(split.images[i].numpy(), pixels(root / name / f"{split.ids[i]}.png"))
+        if name == "test" and not test_labels:
+            assert split.labels is None
+            assert split.counts(TINY_CLASSES) == []
+        else:
+            assert split.labels is not None and split.labels.dtype == torch.int64
+            assert split.labels.tolist() == [int(r["label"]) for r in rows]
+    assert ds.train.counts(TINY_CLASSES) == [TINY_COUNTS["train"]] * TINY_CLASSES
+    assert ds.test is ds.splits["test"]
+    assert ds.split("train").ids != sorted(ds.split("train").ids)  # the fixture really is unsorted
+
+
+def test_competition_without_test_split(tmp_path: Path) -> None:
+    root = make_competition_dataset(tmp_path / "data", test_count=0)
+    ds = load_dataset(config(root, tmp_path / "cache"))
+    assert ds.test is None and set(ds.splits) == {"train", "validation"}
+    with pytest.raises(DataError, match="no test split"):
+        ds.split("test")
+
+
+def test_competition_csv_with_bom_and_padded_cells(tmp_path: Path) -> None:
+    """A CSV saved by Excel ("CSV UTF-8") starts with a byte-order mark; cells may carry spaces."""
+    root = make_competition_dataset(tmp_path / "data", test_count=0)
+    rows = read_csv_rows(root / "train.csv")
+    text = "\ufeffimage_id , label\n" + "".join(f" {r['image_id']} , {r['label']} \n" for r in rows)
+    (root / "train.csv").write_text(text, encoding="utf-8")
+    ds = load_dataset(config(root, tmp_path / "cache"))
+    assert ds.train.ids == [r["image_id"] for r in rows]
+    assert ds.train.labels.tolist() == [int(r["label"]) for r in rows]
+
+
+def test_imagefolder_layout_sorted_classes_and_flat_test(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    root = tiny_imagefolder
+    ds = load_dataset(config(root, tmp_path / "cache"))
+
+    assert ds.layout == "imagefolder"
+    assert ds.classes == ("Diffusion", "faceswap", "gan", "morph", "real")  # sorted() order
+    for name, n in (("train", N_TRAIN), ("validation", N_VAL)):
+        split = ds.split(name)
+        assert tuple(split.images.shape) == (n, 3, TINY_SIZE, TINY_SIZE)
+        assert split.images.dtype == torch.uint8
+        for i, image_id in enumerate(split.ids):
+            class_name = image_id.split("-")[0]  # the fixture names files <class>-<serial>.png
+            assert ds.classes[int(split.labels[i])] == class_name
+            np.testing.assert_array_equal(split.images[i].numpy(),
+                                          pixels(root / name / class_name / f"{image_id}.png"))
+        assert split.counts(TINY_CLASSES) == [TINY_COUNTS[name]] * TINY_CLASSES
+    assert ds.test is not None and ds.test.labels is None
+    assert len(ds.test) == TINY_TEST and tuple(ds.test.images.shape[1:]) == (3, TINY_SIZE, TINY_SIZE)
+
+
+def test_imagefolder_test_by_class_is_labelled_and_jpg_is_read(tmp_path: Path) -> None:
+    root = make_imagefolder_dataset(tmp_path / "folders", classes=("a", "b", "c", "d", "e"), test="classes")
+    rng = np.random.default_rng(1)
+    Image.fromarray(random_image(rng)).save(root / "train" / "c" / "extra.jpg", quality=95)
+    ds = load_dataset(config(root, tmp_path / "cache"))
+    assert ds.test is not None and ds.test.labels is not None
+    assert ds.test.labels.tolist() == [i % 5 for i in range(TINY_TEST)]
+    assert "extra" in ds.train.ids
+    assert int(ds.train.labels[ds.train.ids.index("extra")]) == ds.classes.index("c")
+    assert len(ds.train) == N_TRAIN + 1
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P"])
+def test_grayscale_alpha_and_palette_become_rgb(tmp_path: Path, tiny_dataset: Path, mode: str) -> None:
+    image_id, _ = row_of(tiny_dataset, "train", 1)
+    path = tiny_dataset / "train" / f"{image_id}.png"
+    rgb = random_image(np.random.default_rng(7))
+    Image.fromarray(rgb).convert(mode).save(path)
+    ds = load_dataset(config(tiny_dataset, tmp_path / "cache"))
+    got = ds.train.images[ds.train.ids.index(image_id)].numpy()
+    assert got.shape == (3, TINY_SIZE, TINY_SIZE)
+    np.testing.assert_array_equal(got, pixels(path))
+    if mode in ("L", "LA"):
+        assert (got[0] == got[1]).all() and (got[1] == got[2]).all()
+    if mode == "RGBA":  # alpha dropped, colour kept
+        np.testing.assert_array_equal(got, rgb.transpose(2, 0, 1))
+
+
+def test_16_bit_png_is_scaled_not_wrapped(tmp_path: Path, tiny_dataset: Path) -> None:
+    """A 16-bit PNG decodes to uint16; storing it into the uint8 array must scale, not keep the low byte."""
+    image_id, _ = row_of(tiny_dataset, "train", 2)
+    deep = np.full((TINY_SIZE, TINY_SIZE), 65535, dtype=np.uint16)
+    deep[: TINY_SIZE // 2] = 300  # low byte 44, scaled 1
+    Image.fromarray(deep).save(tiny_dataset / "train" / f"{image_id}.png")
+    got = load_dataset(config(tiny_dataset, tmp_path / "cache")).train.images
+    got = got[read_csv_ids(tiny_dataset, "train").index(image_id)]
+    assert got.dtype == torch.uint8
+    assert int(got[:, TINY_SIZE - 1].min()) == 255  # 65535 -> 255 (low byte would also be 255)
+    assert int(got[:, 0].max()) == 1  # 300 -> 300 >> 8 == 1 (the low byte would be 44)
+
+
+def read_csv_ids(root: Path, split: str) -> list[str]:
+    return [r["image_id"] for r in read_csv_rows(root / f"{split}.csv")]
+
+
+def test_image_size_resizes_mixed_sizes(tmp_path: Path, tiny_dataset: Path) -> None:
+    odd, _ = row_of(tiny_dataset, "train", 3)
+    write_png(tiny_dataset / "train" / f"{odd}.png", random_image(np.random.default_rng(3), size=24))
+    val_id, _ = row_of(tiny_dataset, "validation", 0)
+    write_png(tiny_dataset / "validation" / f"{val_id}.png", random_image(np.random.default_rng(4), size=40)[:, :20])
+    ds = load_dataset(config(tiny_dataset, tmp_path / "cache", image_size=12))
+    for split in ds.splits.values():
+        assert tuple(split.images.shape[1:]) == (3, 12, 12)
+        assert split.images.dtype == torch.uint8
+    assert ds.image_shape == (3, 12, 12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: DataError, a message naming the culprit, nothing half-written
+# --------------------------------------------------------------------------------------------------
+
+Breaker = Callable[[Path], tuple[str, list[str]]]  # mutates the dataset; returns (failing split, fragments)
+
+
+def _unlink(rel: str) -> Breaker:
+    def brk(root: Path) -> tuple[str, list[str]]:
+        target = root / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return rel.split(".")[0].split("/")[0], [str(target)]
+    return brk
+
+
+def _missing_train_csv(root: Path) -> tuple[str, list[str]]:
+    (root / "train.csv").unlink()
+    return "train", [str(root / "train.csv")]
+
+
+def _missing_image(root: Path) -> tuple[str, list[str]]:
+    image_id, line = row_of(root, "train", 4)
+    path = root / "train" / f"{image_id}.png"
+    path.unlink()
+    return "train", [str(path), str(root / "train.csv"), f"row {line}"]
+
+
+def _replace_image(split: str, index: int, data: Callable[[Path], bytes]) -> Breaker:
+    def brk(root: Path) -> tuple[str, list[str]]:
+        image_id, _ = row_of(root, split, index)
+        path = root / split / f"{image_id}.png"
+        path.write_bytes(data(path))
+        return split, [str(path)]
+    return brk
+
+
+def _random_bytes(path: Path) -> bytes:
+    return np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+
+
+def _truncated(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+def _text(path: Path) -> bytes:
+    return b"image_id,label\nnot an image at all\n"
+
+
+def _other_size(size: int) -> Callable[[Path], bytes]:
+    def data(path: Path) -> bytes:
+        write_png(path, random_image(np.random.default_rng(5), size=size))
+        return path.read_bytes()
+    return data
+
+
+def _val_other_size(root: Path) -> tuple[str, list[str]]:
+    """Every validation image a consistent 24x24 while train is 16x16: a cross-split mismatch."""
+    rng = np.random.default_rng(6)
+    for image_id in read_csv_ids(root, "validation"):
+        write_png(root / "validation" / f"{image_id}.png", random_image(rng, size=24))
+    return "validation-crosssplit", [str(root / "validation.csv"), "(24, 24)", "(16, 16)", "image_size"]
+
+
+def _bad_label(value: str) -> Breaker:
+    def brk(root: Path) -> tuple[str, list[str]]:
+        rows = read_csv_rows(root / "train.csv")
+        rows[5]["label"] = value
+        write_csv(root / "train.csv", [(r["image_id"], r["label"]) for r in rows])
+        return "train", [str(root / "train.csv"), "row 7", repr(value)]
+    return brk
+
+
+def _duplicate_id(root: Path) -> tuple[str, list[str]]:
+    rows = read_csv_rows(root / "train.csv")
+    rows[6]["image_id"] = rows[1]["image_id"]
+    write_csv(root / "train.csv", [(r["image_id"], r["label"]) for r in rows])
+    return "train", [str(root / "train.csv"), "row 8", "row 3", repr(rows[1]["image_id"]), "duplicate"]
+
+
+def _bad_id(image_id: str) -> Breaker:
+    def brk(root: Path) -> tuple[str, list[str]]:
+        rows = read_csv_rows(root / "validation.csv")
+        rows[2]["image_id"] = image_id
+        write_csv(root / "validation.csv", [(r["image_id"], r["label"]) for r in rows])
+        return "validation", [str(root / "validation.csv"), "row 4", repr(image_id)]
+    return brk
+
+
+def _header_only(split: str) -> Breaker:
+    def brk(root: Path) -> tuple[str, list[str]]:
+        header = ("image_id",) if split == "test" else ("image_id", "label")
+        write_csv(root / f"{split}.csv", [], header)
+        return split, [str(root / f"{split}.csv"), "empty"]
+    return brk
+
+
+def _class_without_train_images(root: Path) -> tuple[str, list[str]]:
+    rows = [r for r in read_csv_rows(root / "train.csv") if r["label"] != "3"]
+    write_csv(root / "train.csv", [(r["image_id"], r["label"]) for r in rows])
+    return "train", [str(root / "train.csv"), "class(es) 3 ", "no training images"]
+
+
+def _missing_label_column(root: Path) -> tuple[str, list[str]]:
+    write_csv(root / "validation.csv", [(i,) for i in read_csv_ids(root, "validation")], ("image_id",))
+    return "validation", [str(root / "validation.csv"), "label"]
+
+
+COMPETITION_CASES: dict[str, Breaker] = {
+    "missing-train-csv": _missing_train_csv,
+    "missing-validation-csv": _unlink("validation.csv"),
+    "missing-train-folder": _unlink("train"),
+    "missing-validation-folder": _unlink("validation"),
+    "missing-test-folder": _unlink("test"),
+    "missing-image": _missing_image,
+    "corrupt-png": _replace_image("train", 3, _random_bytes),
+    "truncated-png": _replace_image("train", 5, _truncated),
+    "text-named-png": _replace_image("train", 2, _text),
+    "corrupt-png-in-test": _replace_image("test", 1, _random_bytes),
+    "differing-size-within-train": _replace_image("train", 6, _other_size(24)),
+    "differing-size-across-splits": _val_other_size,
+    "label-7": _bad_label("7"),
+    "label-cat": _bad_label("cat"),
+    "label-1.5": _bad_label("1.5"),
+    "label--1": _bad_label("-1"),
+    "label-empty": _bad_label(""),
+    "label-03": _bad_label("03"),
+    "label-3.0": _bad_label("3.0"),
+    "no-label-column": _missing_label_column,
+    "duplicate-id": _duplicate_id,
+    "id-slash": _bad_id("sub/x"),
+    "id-backslash": _bad_id("sub\\x"),
+    "id-dotdot": _bad_id(".."),
+    "id-parent": _bad_id("..%2Fescape"),
+    "empty-train": _header_only("train"),
+    "empty-validation": _header_only("validation"),
+    "empty-test": _header_only("test"),
+    "class-without-train-images": _class_without_train_images,
+}
+
+
+@pytest.mark.parametrize("case", list(COMPETITION_CASES))
+def test_competition_bad_input(tmp_path: Path, tiny_dataset: Path, case: str) -> None:
+    failed_split, fragments = COMPETITION_CASES[case](tiny_dataset)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as info:
+        load_dataset(config(tiny_dataset, cache))
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    if failed_split == "validation-crosssplit":
+        # Both splits decoded fine on their own, so their complete caches stay (they are valid and
+        # will be hits next time); still never a temporary file.
+        assert cache_leftovers(cache, "*.partial") == []
+    else:
+        assert_nothing_half_written(cache, failed_split)
+
+
+def test_failure_in_a_later_split_keeps_only_complete_caches(tmp_path: Path, tiny_dataset: Path) -> None:
+    """A corrupt validation image: train's complete cache may stay, validation's is never written,
+    and fixing the image gives a train cache hit plus a fresh validation decode."""
+    image_id, _ = row_of(tiny_dataset, "validation", 2)
+    path = tiny_dataset / "validation" / f"{image_id}.png"
+    good = path.read_bytes()
+    path.write_bytes(_truncated(path))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        load_dataset(config(tiny_dataset, cache))
+    assert_nothing_half_written(cache, "validation")
+    path.write_bytes(good)
+    ds = load_dataset(config(tiny_dataset, cache))
+    assert ds.train.cache_hit and not ds.validation.cache_hit
+
+
+def _ifold_notes(root: Path) -> tuple[str, list[str]]:
+    path = root / "train" / "gan" / "notes.txt"
+    path.write_text("collected 2024\n")
+    return "train", [str(path), "not an image"]
+
+
+def _ifold_unknown_val_class(root: Path) -> tuple[str, list[str]]:
+    folder = root / "validation" / "stylegan"
+    write_png(folder / "s.png", random_image(np.random.default_rng(8)))
+    return "validation", [str(folder), "'stylegan'", "not a known class"]
+
+
+def _ifold_empty_class(root: Path) -> tuple[str, list[str]]:
+    (root / "train" / "zzz").mkdir()
+    return "train", [str(root / "train"), "class(es) zzz ", "no training images"]
+
+
+def _ifold_duplicate(root: Path) -> tuple[str, list[str]]:
+    first = root / "train" / "gan" / "same.png"
+    second = root / "train" / "real" / "same.png"
+    write_png(first, random_image(np.random.default_rng(9)))
+    write_png(second, random_image(np.random.default_rng(10)))
+    return "train", [str(first), str(second), "duplicate", "'same'"]
+
+
+def _ifold_nested(root: Path) -> tuple[str, list[str]]:
+    folder = root / "train" / "morph" / "more"
+    write_png(folder / "m.png", random_image(np.random.default_rng(11)))
+    return "train", [str(folder)]
+
+
+def _ifold_corrupt(root: Path) -> tuple[str, list[str]]:
+    path = sorted((root / "train" / "faceswap").iterdir())[1]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return "train", [str(path), "cannot decode"]
+
+
+def _ifold_text_as_png(root: Path) -> tuple[str, list[str]]:
+    path = root / "train" / "real" / "x.png"
+    path.write_text("hello")
+    return "train", [str(path)]
+
+
+def _ifold_empty_flat_test(root: Path) -> tuple[str, list[str]]:
+    for path in (root / "test").iterdir():
+        path.unlink()
+    return "test", [str(root / "test"), "empty"]
+
+
+IMAGEFOLDER_CASES: dict[str, Breaker] = {
+    "notes-txt-in-class-folder": _ifold_notes,
+    "validation-class-not-in-train": _ifold_unknown_val_class,
+    "class-without-train-images": _ifold_empty_class,
+    "duplicate-id-across-classes": _ifold_duplicate,
+    "nested-folder": _ifold_nested,
+    "corrupt-png": _ifold_corrupt,
+    "text-named-png": _ifold_text_as_png,
+    "missing-validation-folder": _unlink("validation"),
+    "empty-flat-test": _ifold_empty_flat_test,
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGEFOLDER_CASES))
+def test_imagefolder_bad_input(tmp_path: Path, tiny_imagefolder: Path, case: str) -> None:
+    failed_split, fragments = IMAGEFOLDER_CASES[case](tiny_imagefolder)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as info:
+        load_dataset(config(tiny_imagefolder, cache))
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert_nothing_half_written(cache, failed_split)
+
+
+def test_not_a_dataset(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "empty" / "train.csv"))):
+        load_dataset(config(tmp_path / "empty", tmp_path / "cache"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(config(tmp_path / "nowhere", tmp_path / "cache"))
+    assert cache_leftovers(tmp_path / "cache") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# The decode cache
+# --------------------------------------------------------------------------------------------------
+
+
+def test_second_load_is_a_cache_hit_with_identical_tensors(tmp_path: Path, tiny_dataset: Path) -> None:
+    cache = tmp_path / "cache"
+    first = load_dataset(config(tiny_dataset, cache))
+    assert not any(s.cache_hit for s in first.splits.values())
+    files = {name: s.cache_file for name, s in first.splits.items()}
+    assert all(f is not None and f.parent == cache and f.exists() for f in files.values())
+    assert sorted(cache.glob("*.npy")) == sorted(files.values())
+    assert list(tiny_dataset.rglob("*.npy")) == []  # never written next to the data
+
+    second = load_dataset(config(tiny_dataset, cache))
+    for name, split in second.splits.items():
+        assert split.cache_hit, name
+        assert split.cache_file == files[name]
+        assert torch.equal(split.images, first.splits[name].images)
+        assert split.ids == first.splits[name].ids
+    assert torch.equal(second.train.labels, first.train.labels)
+    assert second.digest == first.digest
+    assert "(hit)" in summarize(second) and "(written)" in summarize(first)
+
+
+def test_changed_image_invalidates_the_cache(tmp_path: Path, tiny_dataset: Path) -> None:
+    cache = tmp_path / "cache"
+    first = load_dataset(config(tiny_dataset, cache))
+    image_id, _ = row_of(tiny_dataset, "train", 0)
+    path = tiny_dataset / "train" / f"{image_id}.png"
+    new = np.zeros((TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+    new[:, :, 1] = 200
+    write_png(path, new)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+    second = load_dataset(config(tiny_dataset, cache))
+    assert not second.train.cache_hit
+    assert second.train.cache_file != first.train.cache_file
+    np.testing.assert_array_equal(second.train.images[0].numpy(), new.transpose(2, 0, 1))
+    assert not torch.equal(second.train.images[0], first.train.images[0])
+    assert torch.equal(second.train.images[1:], first.train.images[1:])
+    assert second.validation.cache_hit  # only the changed split is decoded again
+    assert second.digest != first.digest
+
+
+def test_image_size_has_its_own_cache_file(tmp_path: Path, tiny_dataset: Path) -> None:
+    cache = tmp_path / "cache"
+    native = load_dataset(config(tiny_dataset, cache))
+    small = load_dataset(config(tiny_dataset, cache, image_size=8))
+    assert not small.train.cache_hit
+    assert small.train.cache_file != native.train.cache_file
+    assert native.train.cache_file.exists() and small.train.cache_file.exists()
+    assert tuple(small.train.images.shape) == (N_TRAIN, 3, 8, 8)
+    assert load_dataset(config(tiny_dataset, cache, image_size=8)).train.cache_hit
+    assert load_dataset(config(tiny_dataset, cache)).train.cache_hit
+
+
+def test_unreadable_cache_file_is_rebuilt(tmp_path: Path, tiny_dataset: Path) -> None:
+    cache = tmp_path / "cache"
+    first = load_dataset(config(tiny_dataset, cache))
+    first.train.cache_file.write_bytes(b"\x93NUMPY garbage")
+    second = load_dataset(config(tiny_dataset, cache))
+    assert not second.train.cache_hit
+    assert torch.equal(second.train.images, first.train.images)
+    assert load_dataset(config(tiny_dataset, cache)).train.cache_hit
+
+
+def test_default_cache_dir_follows_the_environment(tiny_dataset: Path, _isolated_cache: Path) -> None:
+    ds = load_dataset(DataConfig(root=str(tiny_dataset)))
+    assert ds.cache_dir == _isolated_cache
+    assert ds.train.cache_file.parent == _isolated_cache and ds.train.cache_file.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation and normalisation
+# --------------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(12) % TINY_CLASSES
+    return x, y
+
+
+def augment(policy: str, x: torch.Tensor, y: torch.Tensor, seed: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    aug = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, group_size=4, **kw)
+    torch.manual_seed(seed)
+    return aug(x.clone(), y.clone())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_output_shape_dtype_layout_and_seeding(batch, policy: str) -> None:
+    x, y = batch
+    out, labels = augment(policy, x, y, seed=1)
+    assert out.dtype == torch.float32
+    assert tuple(out.shape) == tuple(x.shape)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(out).all()
+    assert torch.equal(labels, y)  # no mixing: labels untouched
+    again, _ = augment(policy, x, y, seed=1)
+    assert torch.equal(out, again)
+    other, _ = augment(policy, x, y, seed=2)
+    plain = Normalizer("imagenet", CPU)(x)
+    if policy == "none":
+        assert torch.equal(out, plain) and torch.equal(other, out)
+    else:
+        assert not torch.equal(out, other)
+        assert not torch.equal(out, plain)
+    assert not BatchAugmenter(policy, "half", CPU, TINY_CLASSES).soft_labels
+
+
+@pytest.mark.parametrize("mix", [{"cutmix_alpha": 1.0}, {"mixup_alpha": 0.4},
+                                 {"cutmix_alpha": 1.0, "mixup_alpha": 0.4}],
+                         ids=["cutmix", "mixup", "both"])
+def test_mixing_gives_soft_labels(batch, mix: dict[str, float]) -> None:
+    x, y = batch
+    out, labels = augment("geometric", x, y, seed=3, **mix)
+    assert BatchAugmenter("none", "half", CPU, TINY_CLASSES, **mix).soft_labels
+    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(x.shape)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.float32 and tuple(labels.shape) == (len(y), TINY_CLASSES)
+    torch.testing.assert_close(labels.sum(dim=1), torch.ones(len(y)))
+    assert (labels >= 0).all()
+    assert not torch.equal(labels, torch.nn.functional.one_hot(y, TINY_CLASSES).float())  # really mixed
+    again_x, again_y = augment("geometric", x, y, seed=3, **mix)
+    assert torch.equal(out, again_x) and torch.equal(labels, again_y)
+
+
+def test_mixing_a_single_image_batch_is_one_hot(batch) -> None:
+    x, y = batch
+    out, labels = augment("none", x[:1], y[:1], seed=0, cutmix_alpha=1.0, mixup_alpha=1.0)
+    assert tuple(out.shape) == (1, 3, 32, 32)
+    assert torch.equal(labels, torch.nn.functional.one_hot(y[:1], TINY_CLASSES).float())
+
+
+def test_normalizer_half_and_imagenet() -> None:
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    x[1] = 255
+    half = Normalizer("half", CPU)(x)
+    assert half.dtype == torch.float32 and half.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(half[0], torch.full((3, 4, 4), -1.0))
+    assert torch.equal(half[1], torch.full((3, 4, 4), 1.0))
+
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
+    assert NORMALIZATION["imagenet"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    torch.testing.assert_close(Normalizer("imagenet", CPU)(x), (x.float() / 255 - mean) / std)
+    # float input (already scaled) is not divided by 255 again
+    torch.testing.assert_close(Normalizer("imagenet", CPU)(x.float() / 255), (x.float() / 255 - mean) / std)
+
+
+def test_unknown_policy_or_normalisation_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'flip'"):
+        build_policy("flip")
+    with pytest.raises(ValueError, match="'flip'"):
+        BatchAugmenter("flip", "imagenet", CPU, TINY_CLASSES)
+    with pytest.raises(ValueError, match="'zscore'"):
+        Normalizer("zscore", CPU)
+    assert build_policy("none") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEEPFAKE_TUNE_CACHE": str(cache), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_cli_data_inspect(tmp_path: Path, tiny_dataset: Path) -> None:
+    cache = tmp_path / "cli-cache"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    done = run_cli(["data", "inspect", "--data", str(tiny_dataset)], work, cache)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert re.search(rf"^train\s+{N_TRAIN} images", out, re.M), out
+    assert re.search(rf"^validation\s+{N_VAL} images", out, re.M), out
+    assert re.search(rf"^test\s+{TINY_TEST} images\s+\[unlabelled\]", out, re.M), out
+    assert f"{TINY_SIZE}x{TINY_SIZE}" in out
+    assert str(cache) in out
+    assert len(list(cache.glob("train-*.npy"))) == 1
+    assert list(work.iterdir()) == []  # nothing written to the working directory
+
+    bad = tiny_dataset / "validation" / f"{row_of(tiny_dataset, 'validation', 1)[0]}.png"
+    bad.write_text("not a png")
+    failed = run_cli(["data", "inspect", "--data", str(tiny_dataset)], work, cache)
+    assert failed.returncode != 0
+    assert str(bad) in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert list(cache.glob("*.partial")) == []
+    assert len(list(cache.glob("validation-*.npy"))) == 1  # only the first run's valid one
+    assert list(work.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# The real sample (skipped when absent)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_unibuc_sample(tmp_path: Path) -> None:
+    if not (SAMPLE / "train.csv").exists():
+        pytest.skip(f"real sample not found at {SAMPLE}")
+    cache = tmp_path / "cache"
+    ds = load_dataset(config(SAMPLE, cache))
+    assert ds.layout == "competition"
+    assert len(ds.train) == 2500 and len(ds.validation) == 500
+    assert ds.num_classes == 5
+    assert ds.train.counts(5) == [500] * 5
+    assert ds.validation.counts(5) == [100] * 5
+    assert ds.image_shape == (3, 100, 100)
+    assert ds.train.images.dtype == torch.uint8
+    again = load_dataset(config(SAMPLE, cache))
+    assert again.train.cache_hit and again.validation.cache_hit
+    assert torch.equal(again.train.images, ds.train.images)
