@@ -1,0 +1,123 @@
+"""A dataset in memory: uint8 image tensors and labels per split, loaded through the decode cache."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import DEFAULT_DATA, DataConfig
+from .cache import default_cache_dir, load_images
+from .layout import DataError, DatasetIndex, index_dataset
+
+
+@dataclass
+class Split:
+    name: str
+    images: torch.Tensor  # uint8 N x 3 x H x W
+    labels: torch.Tensor | None  # int64 N, None when unlabelled
+    ids: list[str]
+    cache_file: Path | None = None
+    cache_hit: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def counts(self, num_classes: int) -> list[int]:
+        if self.labels is None:
+            return []
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    classes: tuple[str, ...]
+    train: Split
+    validation: Split
+    test: Split | None
+    digest: str
+    load_seconds: float = 0.0
+    cache_dir: Path | None = None
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataError(f"{self.root}: no {name} split (have {', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def ensure_default_data(cfg: DataConfig) -> None:
+    """The default root is generated on first use, so every command works on a fresh clone."""
+    root = Path(cfg.root)
+    if cfg.root == DEFAULT_DATA and not root.exists():
+        from .synth import synthesize
+
+        summary = synthesize(root, cfg.synth_preset)
+        print(f"generated the synthetic dataset ({cfg.synth_preset}) in {root} "
+              f"in {summary.seconds:.1f}s")
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    start = time.perf_counter()
+    ensure_default_data(cfg)
+    index = index_dataset(cfg.root)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    splits = {name: _load_split(index, name, cfg.image_size, cache_dir) for name in index.splits}
+    shape = splits["train"].images.shape[1:]
+    for split in splits.values():
+        if split.images.shape[1:] != shape:
+            raise DataError(
+                f"{index.splits[split.name].source}: {split.name} images are {tuple(split.images.shape[2:])}, "
+                f"train images {tuple(shape[1:])}; set data.image_size (--image-size) to resize"
+            )
+    digest = hashlib.sha256("|".join(s.cache_file.stem if s.cache_file else "" for s in splits.values()).encode())
+    return Dataset(
+        root=index.root,
+        layout=index.layout,
+        classes=index.classes,
+        train=splits["train"],
+        validation=splits["validation"],
+        test=splits.get("test"),
+        digest=digest.hexdigest()[:16],
+        load_seconds=time.perf_counter() - start,
+        cache_dir=cache_dir,
+        splits=splits,
+    )
+
+
+def _load_split(index: DatasetIndex, name: str, image_size: int | None, cache_dir: Path) -> Split:
+    entry = index.splits[name]
+    array, cache_file, hit = load_images(entry.paths, image_size, cache_dir, name)
+    labels = torch.tensor(entry.labels, dtype=torch.int64) if entry.labels is not None else None
+    return Split(name, torch.from_numpy(array), labels, list(entry.ids), cache_file, hit)
+
+
+def summarize(dataset: Dataset) -> str:
+    lines = [
+        f"dataset   {dataset.root} ({dataset.layout} layout)",
+        f"classes   {len(dataset.classes)}: {', '.join(dataset.classes)}",
+        f"image     {dataset.image_shape[1]}x{dataset.image_shape[2]} RGB, uint8",
+        f"digest    {dataset.digest}",
+    ]
+    for split in dataset.splits.values():
+        counts = split.counts(dataset.num_classes)
+        per_class = ", ".join(f"{c}:{n}" for c, n in zip(dataset.classes, counts)) if counts else "unlabelled"
+        lines.append(f"{split.name:<10}{len(split):>6} images  [{per_class}]")
+    for split in dataset.splits.values():
+        state = "hit" if split.cache_hit else "written"
+        lines.append(f"cache     {split.cache_file} ({state})")
+    lines.append(f"loaded in {dataset.load_seconds:.3f}s")
+    return "\n".join(lines)
