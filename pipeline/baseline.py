@@ -43,9 +43,8 @@ def run_baseline(preset: Preset, experiment: str, c: float | None = None, pixels
     client = tracking.client()
     tracking.check_tracking(client)
     data = load_dataset(preset.data)
-    experiment_id = tracking.ensure_experiment(client, experiment)
-    run_id = tracking.start_run(client, experiment_id, "baseline-svm",
-                                tags={**tracking.standard_tags("cpu"), "kind": "baseline", "arch": "svm_rbf"})
+    run_id, _ = tracking.open_run(client, experiment, "baseline-svm",
+                                  tags={**tracking.standard_tags("cpu"), "kind": "baseline", "arch": "svm_rbf"})
     with tracking.run_guard(client, run_id):
         rng = np.random.default_rng(preset.train.seed)
         n = len(data.train)

@@ -40,7 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_opt(str), help="auto | cpu | cuda | cuda:N")
     p.add_argument("--config", type=_opt(str), help="a preset in experiments/ (name or YAML path)")
     p.add_argument("--image-size", type=_opt(int), help="resize images to this square size")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", type=_bool, nargs="?", const=True, default=False, help="no progress bars")
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
@@ -58,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="synthesise or inspect a dataset")
     data_sub = data.add_subparsers(dest="action", required=True)
     synth = data_sub.add_parser("synth", help="write the embedded synthetic dataset")
-    synth.add_argument("--out", default=DEFAULT_DATA)
+    synth.add_argument("--out", "--data", dest="out", default=DEFAULT_DATA)
     synth.add_argument("--preset", default="demo", help="tiny | demo | full")
     synth.add_argument("--seed", type=int, default=0)
     inspect = data_sub.add_parser("inspect", help="validate a dataset and print a summary")
     _common(inspect)
+    inspect.add_argument("--preset", type=_opt(str), help="synthetic preset if the default root is generated")
+    inspect.add_argument("--seed", type=_opt(int), help="ignored by inspect (kept so MLproject can pass it)")
 
     train = sub.add_parser("train", help="train one architecture as one MLflow run")
     _common(train)
@@ -102,14 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--pruner", type=_opt(str), help="median | hyperband | none")
     tune.add_argument("--n-jobs", type=_opt(int), default=None, help="trials in parallel in this process (threads)")
     tune.add_argument("--ensemble-method", type=_opt(str), help="soft | confidence | best")
+    tune.add_argument("--setup-only", type=_bool, nargs="?", const=True, default=False,
+                      help="create the storages, studies and parent run, then exit (before starting workers)")
 
     promote = sub.add_parser("promote", help="move @champion to @challenger on evidence")
     _common(promote)
     promote.add_argument("--model-name", type=_opt(str), default=None)
     promote.add_argument("--split", type=_opt(str), default=None, help="labelled split to score on")
     promote.add_argument("--min-gain", type=_opt(float), default=None)
-    promote.add_argument("--dry-run", action="store_true")
-    promote.add_argument("--force", action="store_true")
+    promote.add_argument("--dry-run", type=_bool, nargs="?", const=True, default=False)
+    promote.add_argument("--force", type=_bool, nargs="?", const=True, default=False)
 
     predict = sub.add_parser("predict", help="write a Kaggle submission")
     _common(predict)
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model-name", type=_opt(str), default=None)
     predict.add_argument("--out", type=_opt(str), default=None, help="submission CSV (default submission.csv)")
     predict.add_argument("--split", type=_opt(str), default=None, help="split to predict (default test)")
-    predict.add_argument("--probabilities", action="store_true", help="also write prob_0..prob_4 columns")
+    predict.add_argument("--probabilities", type=_bool, nargs="?", const=True, default=False, help="also write prob_0..prob_4 columns")
     predict.add_argument("--batch-size", type=_opt(int), default=None)
 
     bench = sub.add_parser("bench", help="measure our paths against the reference way")
@@ -134,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _preset_from(args: argparse.Namespace) -> Preset:
     preset = load_preset(args.config)
     g = lambda name: getattr(args, name, None)  # noqa: E731 - flags absent from a command read as None
-    data = override(preset.data, root=g("data"), image_size=g("image_size"), augment=g("augment"),
+    data = override(preset.data, root=g("data"), synth_preset=g("preset"), image_size=g("image_size"), augment=g("augment"),
                     normalize=g("normalize"), cutmix_alpha=g("cutmix"), mixup_alpha=g("mixup"))
     model = override(preset.model, arch=g("arch"), dropout_features=g("dropout_features"),
                      dropout_fc=g("dropout_fc"), convs_per_block=g("convs_per_block"),
@@ -152,6 +156,7 @@ def _preset_from(args: argparse.Namespace) -> Preset:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise
     install_sigterm()
     from .data import DataError
 
@@ -200,7 +205,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         run_tuning(preset, experiment, study_name=args.study, storage=args.storage,
                    model_name=args.model_name or "deepfake-ensemble", n_jobs=args.n_jobs or 1,
-                   progress=progress)
+                   progress=progress, setup_only=args.setup_only)
         return 0
     if args.command == "promote":
         from .registry import promote

@@ -276,3 +276,29 @@ class run_guard:
             if exc_type is None:
                 raise
         return False
+
+
+def adopted_run(mlflow_client: MlflowClient) -> tuple[str, str] | None:
+    """Under ``mlflow run`` the launcher has already created a run (``MLFLOW_RUN_ID``): use it, so one
+    call is one run. Returns (run_id, experiment_id) or None."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.status != "RUNNING":
+        return None
+    return run_id, run.info.experiment_id
+
+
+def open_run(mlflow_client: MlflowClient, experiment: str, name: str, tags: dict[str, str]) -> tuple[str, str]:
+    """The run a command logs into: the ``mlflow run`` launcher's, or a new one. (run_id, experiment_id)"""
+    adopted = adopted_run(mlflow_client)
+    if adopted:
+        run_id, experiment_id = adopted
+        set_tags(mlflow_client, run_id, {**tags, "mlflow.runName": name})
+        return run_id, experiment_id
+    experiment_id = ensure_experiment(mlflow_client, experiment)
+    return start_run(mlflow_client, experiment_id, name, tags=tags), experiment_id

@@ -25,10 +25,9 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
     preset = replace(preset, model=override(preset.model, num_classes=data.num_classes))
     model = build_model(preset.model)
     device = resolve_device(preset.train.device)
-    experiment_id = tracking.ensure_experiment(client, experiment)
-    run_id = tracking.start_run(client, experiment_id, run_name or f"train-{preset.model.arch}",
-                                tags={**tracking.standard_tags(str(device)), "kind": "train",
-                                      "arch": preset.model.arch})
+    run_id, _ = tracking.open_run(client, experiment, run_name or f"train-{preset.model.arch}",
+                                  tags={**tracking.standard_tags(str(device)), "kind": "train",
+                                        "arch": preset.model.arch})
     with tracking.run_guard(client, run_id):
         tracking.log_params(client, run_id, {**flat_params(preset), "preset": preset.name})
         tracking.log_dataset(client, run_id, data)

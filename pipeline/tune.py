@@ -152,21 +152,33 @@ def open_session(preset: Preset, experiment: str, study_name: str | None, storag
 
 
 def _parent_run(session: Session) -> str:
-    """The session's parent run id lives in the studies' user attributes: every worker finds it."""
+    """The session's parent run id lives in the studies' user attributes: every worker finds it.
+    Under ``mlflow run`` the launcher's run becomes the parent of a new session, or a worker run
+    nested under the existing parent."""
     first = session.studies[session.preset.study.members[0]]
     run_id = first.user_attrs.get(PARENT_ATTR)
+    adopted = tracking.adopted_run(session.client)
     if run_id:
         try:
             if session.client.get_run(run_id).info.lifecycle_stage == "active":
+                session.experiment_id = session.client.get_run(run_id).info.experiment_id
                 _reopen(session, run_id)
+                if adopted and adopted[0] != run_id:
+                    tracking.set_tags(session.client, adopted[0], {tracking.PARENT_TAG: run_id, "kind": "tune-worker",
+                                                                   "optuna.study": session.study_name})
                 return run_id
         except Exception:  # noqa: BLE001 - deleted or from another tracking store: start anew
             pass
-    run_id = tracking.start_run(session.client, session.experiment_id, f"tune-{session.study_name}",
-                                tags={**tracking.standard_tags(str(resolve_device(session.preset.train.device))),
-                                      "kind": "tune-session", "optuna.study": session.study_name})
+    tags = {**tracking.standard_tags(str(resolve_device(session.preset.train.device))),
+            "kind": "tune-session", "optuna.study": session.study_name}
+    if adopted:
+        run_id, session.experiment_id = adopted
+        tracking.set_tags(session.client, run_id, {**tags, "mlflow.runName": f"tune-{session.study_name}"})
+    else:
+        run_id = tracking.start_run(session.client, session.experiment_id, f"tune-{session.study_name}", tags=tags)
     for study in session.studies.values():
         study.set_user_attr(PARENT_ATTR, run_id)
+        study.set_user_attr("mlflow_experiment_id", session.experiment_id)
     params = {
         "study": session.study_name,
         "member_studies": ",".join(session.member_study_name(a) for a in session.preset.study.members),
@@ -430,7 +442,6 @@ class TuneSummary:
 def run_tuning(preset: Preset, experiment: str, study_name: str | None = None, storage: str | None = None,
                model_name: str = "deepfake-ensemble", n_jobs: int = 1, progress: bool = True,
                setup_only: bool = False) -> TuneSummary | None:
-    from .ensemble_run import run_ensemble
     from .report import print_summary
 
     start = time.perf_counter()
@@ -443,15 +454,16 @@ def run_tuning(preset: Preset, experiment: str, study_name: str | None = None, s
     try:
         run_members(session, n_jobs, progress)
         members = {arch: _member_summary(session, arch) for arch in preset.study.members}
-        log_study_figures(session)
-        ensemble = run_ensemble(session, model_name)
+        if _trials_running(session):
+            # Other workers still train: the last one to finish builds the ensemble.
+            print("other workers are still running trials; the last worker to finish builds the ensemble")
+            return TuneSummary(session.parent_run_id, members, {}, None, time.perf_counter() - start)
+        with storage_lock(session.storage_url, f"ensemble:{session.study_name}"):
+            log_study_figures(session)
+            ensemble = _ensemble_once(session, model_name)
         tracking.log_metrics(session.client, session.parent_run_id, {
             f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
             if m["best_val_accuracy"] is not None})
-        if ensemble:
-            tracking.log_metrics(session.client, session.parent_run_id, {
-                M.ENSEMBLE_VAL_ACCURACY: ensemble["val_accuracy"],
-                M.ENSEMBLE_HONEST_ACCURACY: ensemble["holdout_accuracy"]})
         tracking.end_run(session.client, session.parent_run_id, "FINISHED")
     except KeyboardInterrupt:
         tracking.end_run(session.client, session.parent_run_id, "KILLED")
@@ -464,6 +476,36 @@ def run_tuning(preset: Preset, experiment: str, study_name: str | None = None, s
                           time.perf_counter() - start)
     print_summary(summary)
     return summary
+
+
+def _trials_running(session: Session) -> bool:
+    for study in session.studies.values():
+        optuna.storages.fail_stale_trials(study)
+        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            return True
+    return False
+
+
+def _ensemble_once(session: Session, model_name: str) -> dict[str, Any]:
+    """Build and register the ensemble unless this exact set of candidate trials already was."""
+    from .ensemble_run import run_ensemble
+
+    k = session.preset.study.top_k
+    fingerprint = ";".join(f"{arch}:" + ",".join(str(t.number) for t in top_trials(study, k))
+                           for arch, study in session.studies.items()) + f"|{model_name}"
+    first = session.studies[session.preset.study.members[0]]
+    if first.user_attrs.get("ensemble_fingerprint") == fingerprint:
+        print(f"the ensemble of these trials is already registered as {model_name} version "
+              f"{first.user_attrs.get('ensemble_version')}; nothing new to register")
+        return {}
+    ensemble = run_ensemble(session, model_name)
+    if ensemble:
+        first.set_user_attr("ensemble_fingerprint", fingerprint)
+        first.set_user_attr("ensemble_version", ensemble["version"])
+        tracking.log_metrics(session.client, session.parent_run_id, {
+            M.ENSEMBLE_VAL_ACCURACY: ensemble["val_accuracy"],
+            M.ENSEMBLE_HONEST_ACCURACY: ensemble["holdout_accuracy"]})
+    return ensemble or {}
 
 
 def _member_summary(session: Session, arch: str) -> dict[str, Any]:

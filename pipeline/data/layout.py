@@ -62,7 +62,7 @@ def _check_image_id(image_id: str, where: str) -> None:
     # Ids become file names: nothing may point outside the split folder.
     if not image_id:
         raise DataError(f"{where}: empty image_id")
-    if "/" in image_id or "\\" in image_id or image_id.startswith("~") or "\x00" in image_id:
+    if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("~") or "\x00" in image_id:
         raise DataError(f"{where}: image_id {image_id!r} contains a path separator or '..'; rejected")
 
 

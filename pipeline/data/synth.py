@@ -202,7 +202,7 @@ def colour_shift(img: np.ndarray, rng: np.random.Generator, strength: float) -> 
     yy, xx = pixel_grid(img.shape[0])
     angle, phase = rng.uniform(0, 2 * np.pi, 2)
     wave = np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / rng.uniform(4, 6) + phase)
-    ripple = wave[..., None] * np.array([1, -1, 1], np.float32) * rng.uniform(3, 6) / 255
+    ripple = wave[..., None] * np.array([1, -1, 1], np.float32) * rng.uniform(6, 12) / 255
     tint = np.array([1, 0.2, -1], np.float32) * rng.uniform(0.04, 0.1)
     return out + ripple + tint
 
