@@ -123,3 +123,69 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     cache = tmp_path_factory.mktemp("deepfake-tune-cache")
     monkeypatch.setenv("DEEPFAKE_TUNE_CACHE", str(cache))
     return cache
+
+
+# ------------------------------------------------------------------ end-to-end helpers
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def cli_env(workdir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a ``python -m pipeline`` subprocess: tracking store, cache and telemetry
+    all under ``workdir``."""
+    env = dict(os.environ)
+    env.update({
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DEEPFAKE_TUNE_CACHE": str(workdir / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("MLFLOW_RUN_ID", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], workdir: Path, timeout: float = 600, check: bool = True, **env_extra: str):
+    """Run ``python -m pipeline ARGS`` in ``workdir`` as a user would; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=workdir, env=cli_env(workdir, **env_extra),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+class Tuned:
+    """A finished tiny tuning session: its folder, data, stores and the CLI output."""
+
+    def __init__(self, workdir: Path, data: Path, output: str):
+        self.workdir, self.data, self.output = workdir, data, output
+        self.tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        self.storage = f"sqlite:///{workdir / 'optuna.db'}"
+        self.study = "e2e"
+        self.model_name = "deepfake-ensemble"
+
+    def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Point this process's MLflow at the session's store for the rest of the test."""
+        import mlflow
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", self.tracking_uri,
+                            raising=False)
+
+
+@pytest.fixture(scope="session")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
+    """One tiny end-to-end ``tune`` (2 members x 2 trials x 2 epochs, 32 px, one pruned trial per
+    member), shared by every test that needs tuning results or a registered model."""
+    workdir = tmp_path_factory.mktemp("tuned")
+    data = workdir / "data"
+    run_cli(["data", "synth", "--out", str(data), "--preset", "tiny", "--seed", "1"], workdir)
+    proc = run_cli(["tune", "--config", "tiny", "--data", str(data), "--study", "e2e", "--pruner", "always",
+                    "--storage", f"sqlite:///{workdir / 'optuna.db'}", "--no-progress"], workdir)
+    return Tuned(workdir, data, proc.stdout + proc.stderr)
