@@ -31,3 +31,11 @@ PREDICTIONS_ARTIFACT = "predictions/validation.npz"
 CONFUSION_PNG = "confusion_matrix.png"
 CONFUSION_JSON = "confusion_matrix.json"
 REPORT_JSON = "classification_report.json"
+
+# Promotion run (registry.promote): both versions scored on the same labelled split
+CHALLENGER_ACCURACY = "challenger_accuracy"
+CHALLENGER_MACRO_F1 = "challenger_macro_f1"
+CHAMPION_ACCURACY = "champion_accuracy"
+CHAMPION_MACRO_F1 = "champion_macro_f1"
+ACCURACY_GAIN = "accuracy_gain"  # challenger - champion
+PROMOTED = "promoted"  # 1.0 when @champion moved

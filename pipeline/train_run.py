@@ -8,7 +8,7 @@ from . import tracking
 from .config import Preset, flat_params, override
 from .data import load_dataset
 from .models import build_model
-from .train import fit, resolve_device
+from .train import fit, resolve_device, seed_everything
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
     tracking.check_tracking(client)
     data = load_dataset(preset.data)
     preset = replace(preset, model=override(preset.model, num_classes=data.num_classes))
+    seed_everything(preset.train.seed)  # weight init is part of the seeded run
     model = build_model(preset.model)
     device = resolve_device(preset.train.device)
     run_id, _ = tracking.open_run(client, experiment, run_name or f"train-{preset.model.arch}",

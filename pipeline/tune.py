@@ -26,7 +26,7 @@ from .config import DataConfig, ModelConfig, Preset, SearchSpace, TrainConfig, f
 from .data import Dataset, load_dataset
 from .models import arch_args, build_model
 from .storage import check_url, default_storage, retry, storage_lock
-from .train import fit, resolve_device
+from .train import fit, resolve_device, seed_everything
 
 # We drive trials with ask/tell plus our own heartbeat thread (for exact budgets across workers);
 # Optuna warns that heartbeats are meant for Study.optimize, which we knowingly replace.
@@ -295,6 +295,7 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
         with _Heartbeat(session.storage, trial._trial_id, preset.study.heartbeat_seconds):
             params = flat_params(Preset(preset.name, data_cfg, model_cfg, train_cfg))
             tracking.log_params(client, run_id, {**params, **{f"optuna.{k}": v for k, v in trial.params.items()}})
+            seed_everything(train_cfg.seed)  # weight init is part of the seeded trial
             model = build_model(model_cfg)
             result = fit(model, session.data, data_cfg, train_cfg, report=listener, progress=progress)
             tracking.log_training_outputs(client, run_id, result, session.data, model_cfg, data_cfg, train_cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
 from .layout import DataError
+
+# torchvision 0.29 announces a move of its codecs to TorchCodec; they work, and the message would
+# repeat for every image. The decode calls are kept in this module and ensemble.py only.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 CACHE_VERSION = "1"
 DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))

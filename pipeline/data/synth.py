@@ -248,7 +248,9 @@ def write_chunk(folder: str, seed: int, split_index: int, size: int,
     """Render and save ``(row, image_id, label)`` jobs; a top-level function so a pool can run it."""
     for row, image_id, label in jobs:
         pixels = render_image(seed, split_index, row, label, size)
-        Image.fromarray(pixels, mode="RGB").save(Path(folder) / f"{image_id}.png", format="PNG")
+        # Fastest zlib level: 2.5x quicker to write than the default, files ~15% larger.
+        Image.fromarray(pixels, mode="RGB").save(Path(folder) / f"{image_id}.png", format="PNG",
+                                                 compress_level=1)
     return len(jobs)
 
 
