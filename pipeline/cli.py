@@ -212,7 +212,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         decision = promote(preset.data, args.model_name or "deepfake-ensemble", split=args.split,
                            min_gain=args.min_gain or 0.0, dry_run=args.dry_run, force=args.force,
-                           experiment=experiment)
+                           experiment=experiment, device=args.device, progress=progress)
         print(decision.describe())
         return 0
     if args.command == "predict":
@@ -222,7 +222,7 @@ def dispatch(args: argparse.Namespace) -> int:
         uri = args.model_uri or f"models:/{model_name}@champion"
         result = write_submission(preset.data, uri, args.out or "submission.csv", split=args.split or "test",
                                   probabilities=args.probabilities, batch_size=args.batch_size or 256,
-                                  progress=progress)
+                                  progress=progress, device=args.device)
         print(result.describe())
         return 0
     if args.command == "bench":

@@ -81,6 +81,25 @@ def _bad_input(message: str) -> MlflowException:
     return MlflowException.invalid_parameter_value(message)
 
 
+def _header_size(value: bytes) -> tuple[int, int]:
+    """(width, height) from the file header alone; (0, 0) when the header is unreadable (decoding
+    then reports the problem)."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(value)) as image:  # lazy: reads the header, not the pixels
+                return image.size
+    except Image.DecompressionBombError:
+        return 1 << 16, 1 << 16  # Pillow's own bomb limit: far beyond ours
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return 0, 0
+
+
 def decode_request_image(value: Any, row: int) -> torch.Tensor:
     """Encoded PNG/JPEG bytes → uint8 3xHxW RGB, or a 400-style error naming the row."""
     from torchvision.io import ImageReadMode, decode_image
@@ -104,6 +123,9 @@ def decode_request_image(value: Any, row: int) -> torch.Tensor:
         raise _bad_input(f"row {row}: image of {len(value)} bytes exceeds the {MAX_IMAGE_BYTES}-byte limit")
     if not (value.startswith(b"\x89PNG") or value.startswith(b"\xff\xd8")):
         raise _bad_input(f"row {row}: 'image' is not a PNG or JPEG file")
+    width, height = _header_size(value)
+    if width * height > MAX_IMAGE_PIXELS:  # from the header: a decompression bomb is never decoded
+        raise _bad_input(f"row {row}: image of {width}x{height} pixels is too large")
     try:
         image = decode_image(torch.frombuffer(bytearray(value), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as exc:
@@ -111,6 +133,11 @@ def decode_request_image(value: Any, row: int) -> torch.Tensor:
                          "truncated or corrupt") from None
     if image.shape[-1] * image.shape[-2] > MAX_IMAGE_PIXELS:
         raise _bad_input(f"row {row}: image of {image.shape[-1]}x{image.shape[-2]} pixels is too large")
+    if image.dtype != torch.uint8:
+        # 16-bit PNGs decode as uint16: scale to uint8 as the dataset layer does, never feed raw 0..65535
+        from torchvision.transforms.v2 import functional as F
+
+        image = F.to_dtype(image, torch.uint8, scale=True)
     return image
 
 

@@ -161,7 +161,7 @@ class Decision:
         if self.run_id:
             lines.append(f"decision recorded in run {self.run_id}")
         elif self.dry_run:
-            lines.append("dry run: no alias, tag or run was written")
+            lines.append("dry run: no alias, tag or decision run was written")
         return "\n".join(lines)
 
 

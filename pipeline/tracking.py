@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -51,16 +52,48 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
+def scrub(text: str, *urls: str) -> str:
+    """``text`` with the password of any of ``urls`` replaced by ``***`` (error messages may quote
+    a connection string)."""
+    for url in urls:
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            continue
+        if password:
+            text = text.replace(password, "***")
+            text = text.replace(url, redact(url))
+    return text
+
+
+# The start-up probe of a tracking server: a few quick attempts, not MLflow's minutes of back-off.
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
 def check_tracking(mlflow_client: MlflowClient) -> None:
     """Fail fast, before any training, when the tracking store is unusable."""
     from mlflow import get_tracking_uri
 
     uri = get_tracking_uri()
+    remote = uri.startswith(("http://", "https://"))
+    saved = {k: os.environ.get(k) for k in PROBE_ENV} if remote else {}
     try:
+        os.environ.update({k: v for k, v in PROBE_ENV.items() if k in saved and saved[k] is None})
         mlflow_client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - connection errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = scrub(str(exc).strip(), uri)
+        if remote and ("Max retries exceeded" in text or "Connection" in text or "timed out" in text):
+            why = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+            reason = why.group(1).strip() if why else "no answer"
+            raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it or "
+                                "fix MLFLOW_TRACKING_URI") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise TrackingError(f"MLflow tracking store {redact(uri)} is not usable: {first[:300]}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:

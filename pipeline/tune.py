@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import socket
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import mlflow
 import optuna
+import torch
 from optuna.trial import TrialState
 
+from . import faults
 from . import metrics as M
 from . import tracking
 from .config import DataConfig, ModelConfig, Preset, SearchSpace, TrainConfig, flat_params, override, to_dict
 from .data import Dataset, load_dataset
+from .interrupt import Interrupted
 from .models import arch_args, build_model
 from .storage import check_url, default_storage, retry, storage_lock
 from .train import fit, resolve_device, seed_everything
@@ -36,6 +42,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_RETRY = 2  # a trial whose worker is lost (or interrupted) is run again at most this often
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # tags each trial run with the process that ran it
 
 
 class TuneError(RuntimeError):
@@ -98,9 +106,15 @@ class Session:
     data: Dataset
     client: Any
     studies: dict[str, optuna.Study] = field(default_factory=dict)
+    checked: set[int] = field(default_factory=set)  # ids of finished trials whose run is known closed
+    stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGINT/SIGTERM (n_jobs > 1)
 
     def member_study_name(self, arch: str) -> str:
         return f"{self.study_name}.{arch}"
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the storage's or the tracking server's password."""
+        return tracking.scrub(text, self.storage_url, mlflow.get_tracking_uri())
 
 
 def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
@@ -111,46 +125,63 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
             heartbeat_interval=heartbeat,
             grace_period=heartbeat * 2,
             # A trial whose worker died (no heartbeat) is failed and re-queued with the same params.
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
         )
     return optuna.storages.get_storage(url)
 
 
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage) and bool(storage.get_heartbeat_interval())
+
+
+def _storage_error(url: str, exc: BaseException) -> TuneError | None:
+    """A clear one-line error for a storage that cannot be opened (None: not a storage problem)."""
+    if isinstance(exc, (optuna.exceptions.OptunaError, ImportError)) or type(exc).__module__.startswith("sqlalchemy"):
+        text = tracking.scrub(str(exc).strip(), url)
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        return TuneError(f"Optuna storage {tracking.redact(url)} is not usable: {first}")
+    return None
+
+
 def open_session(preset: Preset, experiment: str, study_name: str | None, storage: str | None) -> Session:
-    """Create or join a tuning session. Storages, studies, the experiment and the parent run are
-    created under the storage lock, before any trial runs."""
-    client = tracking.client()
+    """Create or join a tuning session, before any trial runs: the tracking store and the storage
+    are checked first (a clear error, no training), then the schema and studies are created under a
+    per-storage lock, then the experiment and parent run under a per-session lock."""
     tracking_uri = mlflow.get_tracking_uri()
-    with storage_lock(tracking_uri, "mlflow-schema"):
+    with storage_lock(tracking_uri, "mlflow-schema"):  # the client creates a fresh store's schema
+        client = tracking.client()
         tracking.check_tracking(client)
     url = storage or default_storage(tracking_uri)
     check_url(url)
     study_name = study_name or preset.name
-    data = load_dataset(preset.data)
+    studies: dict[str, optuna.Study] = {}
     try:
-        with storage_lock(url, f"session:{study_name}"):
+        # One lock per storage: two processes creating a fresh schema at once fail.
+        with storage_lock(url, "setup"):
             opened = retry(lambda: open_storage(url, preset.study.heartbeat_seconds))
-            experiment_id = tracking.ensure_experiment(client, experiment)
-            session = Session(preset, experiment_id, study_name, url, opened, "", data, client)
-            sampler_seed = preset.study.sampler_seed
             for i, arch in enumerate(preset.study.members):
-                session.studies[arch] = optuna.create_study(
-                    storage=opened, study_name=session.member_study_name(arch), direction="maximize",
-                    load_if_exists=True,
-                    sampler=optuna.samplers.TPESampler(seed=sampler_seed + i, n_startup_trials=3),
-                    pruner=make_pruner(preset.study.pruner, preset.study.pruner_warmup_epochs,
-                                       preset.train.epochs))
-            session.parent_run_id = _parent_run(session)
-    except (optuna.exceptions.OptunaError, ImportError) as exc:
-        raise TuneError(f"Optuna storage {tracking.redact(url)} is not usable: {exc}") from None
+                studies[arch] = optuna.create_study(
+                    storage=opened, study_name=f"{study_name}.{arch}", direction="maximize", load_if_exists=True,
+                    sampler=_sampler(preset, i, 0),
+                    pruner=make_pruner(preset.study.pruner, preset.study.pruner_warmup_epochs, preset.train.epochs))
     except Exception as exc:
-        if type(exc).__module__.startswith("sqlalchemy"):
-            raise TuneError(f"Optuna storage {tracking.redact(url)} is not usable: "
-                            f"{str(exc).splitlines()[0][:300]}") from None
-        raise
+        error = _storage_error(url, exc)
+        if error is None:
+            raise
+        raise error from None
+    data = load_dataset(preset.data)
+    with storage_lock(url, f"session:{study_name}"):
+        experiment_id = tracking.ensure_experiment(client, experiment)
+        session = Session(preset, experiment_id, study_name, url, opened, "", data, client, studies)
+        session.parent_run_id = _parent_run(session)
     return session
 
 
+def _sampler(preset: Preset, member: int, number: int) -> optuna.samplers.BaseSampler:
+    """TPE seeded by (member, trial number): reproducible, and workers sharing a storage do not all
+    draw the same "random" start-up configurations, as samplers with one seed per process would."""
+    return optuna.samplers.TPESampler(seed=preset.study.sampler_seed + 100_003 * member + number,
+                                      n_startup_trials=3)
 def _parent_run(session: Session) -> str:
     """The session's parent run id lives in the studies' user attributes: every worker finds it.
     Under ``mlflow run`` the launcher's run becomes the parent of a new session, or a worker run
@@ -218,7 +249,7 @@ class _Heartbeat:
             self.stop.wait(self.interval)
 
     def __enter__(self):
-        if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.get_heartbeat_interval():
+        if heartbeat_enabled(self.storage):
             self.thread.start()
         return self
 
@@ -228,122 +259,219 @@ class _Heartbeat:
             self.thread.join(timeout=5)
 
 
+def trial_configs(session: Session, arch: str, trial: optuna.Trial) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+    """The trial's configuration (sampled once; later calls read the stored parameters)."""
+    preset = session.preset
+    return suggest(trial, preset.study.space, override(preset.model, arch=arch, num_classes=session.data.num_classes),
+                   replace(preset.train, seed=preset.train.seed + trial.number), preset.data)
+
+
 def admit_trial(session: Session, arch: str) -> optuna.Trial | None:
-    """Atomically: start the next trial if the budget allows, else None."""
+    """Atomically: start the next trial if the budget allows, else None.
+
+    Under the storage lock: trials of lost workers (no heartbeat) are failed and re-queued with the
+    same parameters, finished and running trials are counted, and the next trial is asked (a
+    re-queued one first), given its first heartbeat and its parameters."""
     study = session.studies[arch]
-    optuna.storages.fail_stale_trials(study)
     with storage_lock(session.storage_url, f"admit:{study.study_name}"):
+        optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
         taken = sum(t.state in FINISHED or t.state == TrialState.RUNNING for t in trials)
-        if not waiting and taken >= session.preset.study.trials:
+        if taken >= session.preset.study.trials:
             return None
-        return study.ask()  # pops a waiting (retried) trial first
+        study.sampler = _sampler(session.preset, session.preset.study.members.index(arch), len(trials))
+        trial = study.ask()  # pops a waiting (re-queued or enqueued) trial first
+        if heartbeat_enabled(session.storage):
+            # A worker killed before its heartbeat thread starts is detected too.
+            session.storage.record_heartbeat(trial._trial_id)
+        trial_configs(session, arch, trial)
+        return trial
 
 
 def close_lost_runs(session: Session, arch: str) -> int:
-    """Runs of trials whose worker died are still RUNNING in MLflow: close them as FAILED, with why."""
+    """Runs left RUNNING by a worker that died: a FAIL trial's run is closed as FAILED with why
+    (and the retry's number); a trial that finished just before its worker died gets the status its
+    worker would have set. Each trial is looked at once per process."""
     closed = 0
-    for t in session.studies[arch].get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+    trials = session.studies[arch].get_trials(deepcopy=False)
+    grace = 2 * (session.preset.study.heartbeat_seconds or 0)
+    settled = datetime.now() - timedelta(seconds=max(60, grace))  # a live worker closes its run within ms
+    for t in trials:
         run_id = t.user_attrs.get(RUN_ATTR)
-        if not run_id:
+        if t.state not in (TrialState.FAIL, *FINISHED) or not run_id or t._trial_id in session.checked:
             continue
+        if t.state in FINISHED and (t.datetime_complete is None or t.datetime_complete > settled):
+            continue  # its worker may be closing the run right now
         try:
-            if session.client.get_run(run_id).info.status == "RUNNING":
-                tracking.set_tags(session.client, run_id, {
-                    "optuna.state": "FAIL",
-                    "failure_reason": "worker lost: no heartbeat; the trial is retried with the same parameters"})
+            if session.client.get_run(run_id).info.status != "RUNNING":
+                session.checked.add(t._trial_id)
+                continue
+            if t.state == TrialState.FAIL:
+                retries = [r.number for r in trials
+                           if t.number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(r)]
+                recorded = t.user_attrs.get("error")
+                why = recorded or (f"worker lost: no heartbeat for more than {grace} s (killed, preempted or "
+                                   "disconnected); " + (f"retried as trial {retries[0]} with the same parameters"
+                                                        if retries else "not retried (retry limit reached)"))
+                tracking.set_tags(session.client, run_id, {"optuna.state": "FAIL", "error": why,
+                                                           **({} if recorded else {"stopped_by": "heartbeat"})})
                 tracking.end_run(session.client, run_id, "FAILED")
-                closed += 1
-        except Exception:  # noqa: BLE001 - best effort; the next worker tries again
+            else:
+                tracking.set_tags(session.client, run_id, {"optuna.state": t.state.name,
+                                                           "closed_by": "another worker: the trial's worker was lost "
+                                                                        "after reporting its result"})
+                tracking.end_run(session.client, run_id, "FINISHED" if t.state == TrialState.COMPLETE else "KILLED")
+            session.checked.add(t._trial_id)
+            closed += 1
+        except Exception:  # noqa: BLE001 - best effort; the next check tries again
             pass
+    if closed:
+        print(f"closed {closed} run(s) of {session.member_study_name(arch)} left open by a lost worker")
     return closed
 
 
 class _Listener:
     """fit's report callback: log the epoch to MLflow, feed the pruner."""
 
-    def __init__(self, session: Session, trial: optuna.Trial, run_id: str):
+    def __init__(self, session: Session, arch: str, trial: optuna.Trial, run_id: str):
         self.logger = tracking.EpochLogger(session.client, run_id)
-        self.trial = trial
+        self.session, self.arch, self.trial = session, arch, trial
 
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
+        if self.session.stopping.is_set():  # the main thread was interrupted: stop this thread's trial too
+            raise Interrupted("the worker is stopping")
+        faults.inject("cuda_oom", self.arch, self.trial.number)
         self.logger(epoch, values)
         self.trial.report(values[M.OBJECTIVE], epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
 
+def _train(session: Session, model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
+           listener: _Listener, progress: bool):
+    # The network lives only in this frame: once it returns or its exception is handled, the
+    # model, optimiser and activations can be freed before the next trial.
+    seed_everything(train_cfg.seed)  # weight init is part of the seeded trial
+    model = build_model(model_cfg)
+    return fit(model, session.data, data_cfg, train_cfg, report=listener, progress=progress)
+
+
 def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool = False) -> TrialState:
+    """One trial as one nested run. Whatever happens inside, the trial ends in a final state and its
+    run is closed: COMPLETE/FINISHED, PRUNED/KILLED, FAIL/FAILED with the reason (the study goes
+    on), or, on SIGINT/SIGTERM, FAIL/KILLED, re-queued with the same parameters, and re-raised."""
     study = session.studies[arch]
-    preset = session.preset
-    model_cfg, train_cfg, data_cfg = suggest(trial, preset.study.space,
-                                             override(preset.model, arch=arch, num_classes=session.data.num_classes),
-                                             replace(preset.train, seed=preset.train.seed + trial.number),
-                                             preset.data)
     client = session.client
-    retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
-        session.storage.get_trial(trial._trial_id))
-    run_id = tracking.start_run(
-        client, session.experiment_id, f"{arch}-trial-{trial.number}", parent_run_id=session.parent_run_id,
-        tags={**tracking.standard_tags(str(resolve_device(train_cfg.device))), "kind": "trial", "arch": arch,
-              "optuna.study": study.study_name, "optuna.trial": str(trial.number),
-              **({"optuna.retried_from_trial": str(retried_from)} if retried_from is not None else {})})
-    trial.set_user_attr(RUN_ATTR, run_id)
-    listener = _Listener(session, trial, run_id)
-    try:
-        with _Heartbeat(session.storage, trial._trial_id, preset.study.heartbeat_seconds):
-            params = flat_params(Preset(preset.name, data_cfg, model_cfg, train_cfg))
+    run_id: str | None = None
+    listener: _Listener | None = None
+    value: float | None = None
+    pruned_at: int | None = None
+    failure = ""
+    device = "cpu"
+    with _Heartbeat(session.storage, trial._trial_id, session.preset.study.heartbeat_seconds):
+        try:
+            model_cfg, train_cfg, data_cfg = trial_configs(session, arch, trial)
+            device = str(resolve_device(train_cfg.device))
+            retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
+                session.storage.get_trial(trial._trial_id))
+            run_id = tracking.start_run(
+                client, session.experiment_id, f"{arch}-trial-{trial.number}", parent_run_id=session.parent_run_id,
+                tags={**tracking.standard_tags(device), "kind": "trial", "arch": arch,
+                      "optuna.study": study.study_name, "optuna.trial": str(trial.number), "worker": WORKER,
+                      **({"optuna.retried_from_trial": str(retried_from)} if retried_from is not None else {})})
+            trial.set_user_attr(RUN_ATTR, run_id)
+            if trial.user_attrs.get("error"):
+                trial.set_user_attr("error", "")  # a retry starts without its predecessor's reason
+            listener = _Listener(session, arch, trial, run_id)
+            params = flat_params(Preset(session.preset.name, data_cfg, model_cfg, train_cfg))
             tracking.log_params(client, run_id, {**params, **{f"optuna.{k}": v for k, v in trial.params.items()}})
-            seed_everything(train_cfg.seed)  # weight init is part of the seeded trial
-            model = build_model(model_cfg)
-            result = fit(model, session.data, data_cfg, train_cfg, report=listener, progress=progress)
+            result = _train(session, model_cfg, data_cfg, train_cfg, listener, progress)
+            faults.inject("artifact_failure", arch, trial.number)
             tracking.log_training_outputs(client, run_id, result, session.data, model_cfg, data_cfg, train_cfg)
             tracking.set_tags(client, run_id, {"optuna.state": "COMPLETE", "precision": result.precision,
                                                "stop_reason": result.stop_reason})
-        study.tell(trial, result.best_val_accuracy)
-        tracking.end_run(client, run_id, "FINISHED")
+            value = result.best_val_accuracy
+        except optuna.TrialPruned:
+            pruned_at = listener.logger.last_epoch if listener else 0
+        except KeyboardInterrupt as exc:
+            _fail(session, study, trial, run_id, f"interrupted ({exc or 'SIGINT'}); re-queued with the same "
+                                                 "parameters for the next tune on this study", "KILLED", requeue=True)
+            raise
+        except torch.OutOfMemoryError as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            failure = (f"CUDA out of memory (batch_size {train_cfg.batch_size}, {session.data.image_shape[-1]} px, "
+                       f"{model_cfg.arch}): lower the batch size or image size; the trial's memory was released "
+                       f"and the study goes on. {first}")
+        except Exception as exc:  # noqa: BLE001 - fail the trial, not the study
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            # Drop every reference to the trial's tensors before the next trial (the exception and
+            # its traceback are gone once the handler above has run).
+            listener = result = None
+            _release_memory(device)
+    # The trial's state first, then its run: a worker dying in between leaves a finished trial with
+    # a RUNNING run, which close_lost_runs closes.
+    if value is not None:
+        study.tell(trial, value)
+        _quietly(lambda: tracking.end_run(client, run_id, "FINISHED"))
         return TrialState.COMPLETE
-    except optuna.TrialPruned:
-        tracking.set_tags(client, run_id, {"optuna.state": "PRUNED", "pruned_at_epoch": listener.logger.last_epoch})
+    if pruned_at is not None:
         study.tell(trial, state=TrialState.PRUNED)
-        tracking.end_run(client, run_id, "KILLED")
+        _quietly(lambda: tracking.set_tags(client, run_id, {"optuna.state": "PRUNED", "pruned_at_epoch": pruned_at}),
+                 lambda: tracking.end_run(client, run_id, "KILLED"))
         return TrialState.PRUNED
-    except KeyboardInterrupt:
-        _fail(session, study, trial, run_id, "interrupted (SIGINT/SIGTERM)", "KILLED")
-        raise
-    except Exception as exc:  # noqa: BLE001 - fail the trial, not the study
-        _fail(session, study, trial, run_id, f"{type(exc).__name__}: {exc}", "FAILED")
-        return TrialState.FAIL
-    finally:
-        del listener
-        gc.collect()
-        if session.data.train.images.is_cuda or resolve_device(train_cfg.device).type == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()  # give back a failed trial's memory before the next one
+    _fail(session, study, trial, run_id, failure, "FAILED")
+    return TrialState.FAIL
 
 
-def _fail(session: Session, study: optuna.Study, trial: optuna.Trial, run_id: str, reason: str,
-          status: str) -> None:
-    for action in (lambda: trial.set_user_attr("error", reason[:2000]),
-                   lambda: study.tell(trial, state=TrialState.FAIL),
-                   lambda: tracking.set_tags(session.client, run_id, {"optuna.state": "FAIL", "error": reason[:5000]}),
-                   lambda: tracking.end_run(session.client, run_id, status)):
+def _quietly(*actions) -> None:
+    """Best-effort bookkeeping: each action is tried, none hides the trial's outcome."""
+    for action in actions:
         try:
             action()
         except Exception:  # noqa: BLE001 - record what we can; the storage stays consistent
             pass
-    print(f"trial {trial.number} of {study.study_name} failed: {reason.splitlines()[0][:300]}")
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the failed trial's blocks back to the driver
+
+
+def _fail(session: Session, study: optuna.Study, trial: optuna.Trial, run_id: str | None, reason: str,
+          status: str, requeue: bool = False) -> None:
+    """Record why, close the run, then mark the trial FAIL (in that order: a worker dying in
+    between leaves a RUNNING trial, which the heartbeat turns into FAIL and a retry)."""
+    reason = session.scrub(reason)
+    actions = [lambda: trial.set_user_attr("error", reason[:2000])]
+    if run_id is not None:
+        actions += [lambda: tracking.set_tags(session.client, run_id, {
+                        "optuna.state": "FAIL", "error": reason[:5000],
+                        **({"stopped_by": "interrupt"} if status == "KILLED" else {})}),
+                    lambda: tracking.end_run(session.client, run_id, status)]
+    actions.append(lambda: study.tell(trial, state=TrialState.FAIL))
+    if requeue:
+        actions.append(lambda: _requeue(session, study, trial))
+    _quietly(*actions)
+    print(f"trial {trial.number} of {study.study_name} failed: {reason.splitlines()[0][:400]}")
+
+
+def _requeue(session: Session, study: optuna.Study, trial: optuna.Trial) -> None:
+    """Queue an interrupted trial again with the same parameters, as a lost worker's trial is."""
+    callback = (session.storage.get_heartbeat_stale_trial_callback() if heartbeat_enabled(session.storage)
+                else optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    if callback is not None:
+        callback(study, session.storage.get_trial(trial._trial_id))
 
 
 def run_member_study(session: Session, arch: str, progress: bool = False) -> dict[str, int]:
     """Add trials until the study holds the budget of finished trials. Returns counts by state."""
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     max_failures = max(3, session.preset.study.trials)
-    while True:
-        close_lost_runs(session, arch)
+    while not session.stopping.is_set():
         trial = admit_trial(session, arch)
+        close_lost_runs(session, arch)
         if trial is None:
             break
         state = run_trial(session, arch, trial, progress)
@@ -354,27 +482,80 @@ def run_member_study(session: Session, arch: str, progress: bool = False) -> dic
     return counts
 
 
-def run_members(session: Session, n_jobs: int = 1, progress: bool = False) -> None:
-    """Each member study in turn; ``n_jobs`` threads share the work (several trials on one GPU)."""
+def run_members(session: Session, n_jobs: int = 1, progress: bool = False) -> int:
+    """Each member study in turn; ``n_jobs`` threads share the work (several trials on one GPU).
+    Returns the number of trials this worker ran."""
+    ran = 0
     for arch in session.preset.study.members:
         if n_jobs <= 1:
-            run_member_study(session, arch, progress)
+            ran += sum(run_member_study(session, arch, progress).values())
             continue
         errors: list[BaseException] = []
+        done: list[int] = []
+        ended = [threading.Event() for _ in range(n_jobs)]
 
-        def work() -> None:
+        def work(end: threading.Event) -> None:
             try:
-                run_member_study(session, arch, False)
+                done.append(sum(run_member_study(session, arch, False).values()))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 errors.append(exc)
+            finally:
+                end.set()
 
-        threads = [threading.Thread(target=work) for _ in range(n_jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for end in ended:
+            threading.Thread(target=work, args=(end,)).start()
+        _await_threads(session, ended)
         if errors:
             raise errors[0]
+        ran += sum(done)
+    return ran
+
+
+def _await_threads(session: Session, ended: list[threading.Event]) -> None:
+    """Wait for the trial threads by polling, not ``Thread.join``: a signal interrupting ``join``
+    can mark a running thread as stopped (CPython before 3.13), and the process would then exit
+    under a thread still closing its trial. Signals reach the main thread only, so on SIGINT/SIGTERM
+    the other threads are told to stop their trials too."""
+    try:
+        while not all(end.is_set() for end in ended):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        session.stopping.set()
+        while not all(end.is_set() for end in ended):
+            time.sleep(0.2)
+        raise
+
+
+def _budget_state(session: Session) -> tuple[int, bool]:
+    """(trials running anywhere, whether some member study still has budget left), after failing
+    and re-queueing the trials of lost workers."""
+    running, open_budget = 0, False
+    for study in session.studies.values():
+        with storage_lock(session.storage_url, f"admit:{study.study_name}"):
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+        running += sum(t.state == TrialState.RUNNING for t in trials)
+        open_budget |= sum(t.state in FINISHED or t.state == TrialState.RUNNING for t in trials) < session.preset.study.trials
+    return running, open_budget
+
+
+def settle(session: Session) -> bool:
+    """Wait until no trial of the session runs in another worker. True when work appeared meanwhile
+    (a lost worker's trial was re-queued): the caller runs the members again. Without heartbeats
+    (non-RDB storages) a lost trial cannot be told from a live one, so nothing is awaited."""
+    announced = False
+    while True:
+        running, open_budget = _budget_state(session)
+        if open_budget:
+            return True
+        if not running or not heartbeat_enabled(session.storage):
+            return False
+        if not announced:
+            grace = 2 * session.preset.study.heartbeat_seconds
+            print(f"waiting for {running} trial(s) running in other workers (a lost worker's trial is "
+                  f"re-queued after {grace} s without heartbeat); the ensemble is built once all are done")
+            announced = True
+        time.sleep(session.preset.study.heartbeat_seconds)
 
 
 # ----------------------------------------------------------------------------- ensemble
@@ -454,11 +635,11 @@ def run_tuning(preset: Preset, experiment: str, study_name: str | None = None, s
         return None
     try:
         run_members(session, n_jobs, progress)
+        while settle(session):  # a lost worker's trial was re-queued meanwhile: run it here
+            run_members(session, n_jobs, progress)
+        for arch in preset.study.members:
+            close_lost_runs(session, arch)
         members = {arch: _member_summary(session, arch) for arch in preset.study.members}
-        if _trials_running(session):
-            # Other workers still train: the last one to finish builds the ensemble.
-            print("other workers are still running trials; the last worker to finish builds the ensemble")
-            return TuneSummary(session.parent_run_id, members, {}, None, time.perf_counter() - start)
         with storage_lock(session.storage_url, f"ensemble:{session.study_name}"):
             log_study_figures(session)
             ensemble = _ensemble_once(session, model_name)
@@ -466,12 +647,11 @@ def run_tuning(preset: Preset, experiment: str, study_name: str | None = None, s
             f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
             if m["best_val_accuracy"] is not None})
         tracking.end_run(session.client, session.parent_run_id, "FINISHED")
-    except KeyboardInterrupt:
-        tracking.end_run(session.client, session.parent_run_id, "KILLED")
+    except KeyboardInterrupt as exc:
+        _close_parent(session, "KILLED", {"stopped_by": f"interrupt ({exc or 'SIGINT'})"})
         raise
     except BaseException as exc:
-        tracking.set_tags(session.client, session.parent_run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracking.end_run(session.client, session.parent_run_id, "FAILED")
+        _close_parent(session, "FAILED", {"error": session.scrub(f"{type(exc).__name__}: {exc}")[:5000]})
         raise
     summary = TuneSummary(session.parent_run_id, members, ensemble or {}, (ensemble or {}).get("version"),
                           time.perf_counter() - start)
@@ -479,12 +659,16 @@ def run_tuning(preset: Preset, experiment: str, study_name: str | None = None, s
     return summary
 
 
-def _trials_running(session: Session) -> bool:
-    for study in session.studies.values():
-        optuna.storages.fail_stale_trials(study)
-        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            return True
-    return False
+def _close_parent(session: Session, status: str, tags: dict[str, str]) -> None:
+    """A worker that stops early closes the shared parent run only when no other worker still has
+    a trial running; otherwise the parent stays open for them (and the last one closes it)."""
+    try:
+        others, _ = _budget_state(session)
+    except Exception:  # noqa: BLE001 - the storage itself may be what failed
+        others = 0
+    _quietly(lambda: tracking.set_tags(session.client, session.parent_run_id, tags))
+    if not others:
+        _quietly(lambda: tracking.end_run(session.client, session.parent_run_id, status))
 
 
 def _ensemble_once(session: Session, model_name: str) -> dict[str, Any]:

@@ -85,6 +85,15 @@ def test_written_png_is_the_rendered_image(tiny: tuple[Path, synth.SynthSummary]
     assert np.array_equal(on_disk, synth.render_image(0, SPLITS.index("validation"), 5, label, 32))
 
 
+def test_worker_pool_writes_the_same_bytes(
+        tmp_path: Path, tiny: tuple[Path, synth.SynthSummary], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Force the process pool (normally for large presets only) onto the tiny preset.
+    monkeypatch.setattr(synth, "POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(synth, "CHUNK", 64)
+    pooled = synthesize(tmp_path / "pooled", "tiny", seed=0)
+    assert all_files(pooled.out) == all_files(tiny[0])
+
+
 def test_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     out = tmp_path / "data"
     out.mkdir()

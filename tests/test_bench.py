@@ -1,0 +1,140 @@
+"""``bench`` on tiny synthetic data: every section's figures are present, positive and finite (no timing
+assertions: the machine may be busy), and the batched ``geometric`` augmentation that our training
+path uses is torchvision's per-image policy, pixel for pixel."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from conftest import run_cli
+from pipeline.bench import SECTIONS, run_bench
+from pipeline.config import DataConfig, load_preset
+from pipeline.data.augment import BatchGeometric
+from pipeline.data.synth import synthesize
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` synthetic preset: 32 px, 200 train / 50 validation images."""
+    root = tmp_path_factory.mktemp("bench") / "data"
+    synthesize(root, "tiny", seed=3)
+    return root
+
+
+def _positive(value, where: str) -> None:
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+    assert math.isfinite(value) and value > 0, f"{where} = {value}"
+
+
+def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
+    preset = load_preset("tiny")
+    preset = replace(preset, data=replace(preset.data, root=str(tiny_synth), cache_dir=str(tmp_path / "cache")),
+                     train=replace(preset.train, precision="auto"))
+    search_data = replace(preset.data, augment="none")
+    json_path = tmp_path / "out" / "bench.json"
+    lines: list[str] = []
+    out = run_bench(preset, epochs=1, archs="cnn_v1,cnn_v2", search_trials=3, json_path=str(json_path),
+                    max_train=32, search_epochs=2, search_max_train=40, search_data=search_data, matmul_size=128,
+                    inference_reps=1, print_fn=lines.append)
+
+    line = json.loads(lines[-1])  # the last printed line is the JSON line, identical to the file
+    assert line == json.loads(json_path.read_text())
+    assert line["settings"]["archs"] == ["cnn_v1", "cnn_v2"] and line["data"]["train_used"] == 32
+
+    for arch in ("cnn_v1", "cnn_v2"):
+        fig = line["training"][arch]
+        for path in ("reference", "ours"):
+            for key in ("train_images_per_second", "eval_images_per_second", "train_seconds"):
+                _positive(fig[path][key], f"{arch}.{path}.{key}")
+            assert 0.0 <= fig[path]["best_val_accuracy"] <= 1.0
+        assert 0.0 <= fig["ours"]["data_fraction"] < 1.0
+        _positive(fig["train_speedup"], f"{arch}.train_speedup")
+        _positive(fig["eval_speedup"], f"{arch}.eval_speedup")
+        _positive(fig["parity"]["two_se"], f"{arch}.parity.two_se")
+        ceiling = line["ceiling"]["archs"][arch]
+        for key in ("train_flops_per_image", "forward_flops_per_image", "ours_flops", "ours_fraction_of_peak",
+                    "reference_flops", "reference_fraction_of_peak"):
+            _positive(ceiling[key], f"ceiling.{arch}.{key}")
+    _positive(line["ceiling"]["matmul_fp32_flops"], "matmul_fp32_flops")
+    _positive(line["data"]["cache_build_seconds"], "cache_build_seconds")
+
+    inference = line["inference"]
+    assert inference["members"] == ["cnn_v1", "cnn_v2"] and inference["images"] == 50
+    for key in ("pyfunc_images_per_second", "members_raw_images_per_second", "decode_images_per_second", "ratio"):
+        _positive(inference[key], f"inference.{key}")
+
+    search = line["search"]
+    for study in ("with_pruning", "without_pruning"):
+        s = search[study]
+        assert s["complete"] + s["pruned"] + s["failed"] == 3
+        assert 1 <= s["epochs_to_within_1pt"] <= s["total_epochs"] <= 3 * 2
+        assert 0.0 < s["final_best"] <= 1.0 and len(s["trace"]) == s["total_epochs"]
+    _positive(search["epoch_ratio"], "search.epoch_ratio")
+
+    assert set(line["targets"]) >= {"cnn_v1_train_speedup_3x", "cnn_v2_data_fraction_below_10pct",
+                                     "inference_ratio_80pct", "pruning_half_epochs", "all_met"}
+    assert all(isinstance(v, bool) for v in line["targets"].values())
+    assert any(l.startswith("figure") for l in lines)  # the table
+
+
+def test_bench_skips_sections_and_rejects_unknown_ones(tiny_synth: Path, tmp_path: Path) -> None:
+    preset = load_preset("tiny")
+    preset = replace(preset, data=replace(preset.data, root=str(tiny_synth), cache_dir=str(tmp_path / "cache")))
+    out = run_bench(preset, skip="reference,ours,inference,search", matmul_size=64, print_fn=lambda _: None)
+    assert "search" not in out and "inference" not in out and out["training"] == {}
+    assert set(out["ceiling"]["archs"]) == {"cnn_v1", "cnn_v2"}
+    assert "ours_flops" not in out["ceiling"]["archs"]["cnn_v1"]
+    with pytest.raises(ValueError, match="'training'.*" + ", ".join(SECTIONS)):
+        run_bench(preset, skip="training", print_fn=lambda _: None)
+
+
+@pytest.mark.parametrize("size", [32, 37])
+def test_batched_geometric_is_torchvisions_policy_per_image(size: int) -> None:
+    """Rotation (nearest, fill 0), flip, perspective (bilinear, fill 0), each with the image's own
+    parameters, against torchvision's functional kernels applied one image at a time."""
+    torch.manual_seed(size)
+    geometric = BatchGeometric()
+    x = torch.rand(16, 3, size, size)
+    params = geometric.sample(16, size, size, torch.device("cpu"))
+    params["perspective"][:8] = True  # exercise both branches whatever the draw
+    params["perspective"][8:] = False
+    params["flip"][::2] = True
+    out = geometric.apply(x.clone(), params)
+    corners = [[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]]
+    for i in range(16):
+        ref = F.rotate(x[i], float(params["angle"][i]), InterpolationMode.NEAREST, fill=0)
+        if params["flip"][i]:
+            ref = F.horizontal_flip(ref)
+        if params["perspective"][i]:
+            ref = F.perspective(ref, corners, params["endpoints"][i].tolist(), InterpolationMode.BILINEAR, fill=0)
+        torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)
+
+
+def test_batched_geometric_draws_like_the_v2_transforms() -> None:
+    """Angles in [-15, 15], flips about half, perspective about 30%, corners inside the v2 bounds."""
+    torch.manual_seed(0)
+    p = BatchGeometric().sample(4000, 100, 100, torch.device("cpu"))
+    assert p["angle"].abs().max() <= 15 and p["angle"].std() > 8
+    assert 0.45 < p["flip"].float().mean() < 0.55 and 0.26 < p["perspective"].float().mean() < 0.34
+    xs, ys = p["endpoints"][..., 0], p["endpoints"][..., 1]
+    bound = int(0.2 * 50) + 1
+    assert xs[:, [0, 3]].max() < bound and xs[:, [1, 2]].min() >= 100 - bound
+    assert ys[:, [0, 1]].max() < bound and ys[:, [2, 3]].min() >= 100 - bound
+
+
+def test_cli_bench_prints_the_json_line(tiny_synth: Path, tmp_path: Path) -> None:
+    proc = run_cli(["bench", "--data", str(tiny_synth), "--config", "tiny", "--skip",
+                    "reference,ours,inference,search", "--json", str(tmp_path / "b.json")], tmp_path, timeout=300)
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line == json.loads((tmp_path / "b.json").read_text())
+    _positive(line["ceiling"]["matmul_fp32_flops"], "matmul_fp32_flops")

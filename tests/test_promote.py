@@ -1,0 +1,255 @@
+"""`promote`: @champion moves to @challenger on evidence, every decision is a run, nothing is lost.
+
+The registry under test is a copy of the session's tuned store (``mlflow.db``), so no test changes
+what other tests see. Its artifacts stay where ``tune`` wrote them (paths in the db are absolute);
+nothing here deletes them.
+
+Worse and better challengers: a tiny tune's models are near chance, so their order on the real
+labels is luck. Instead the challenger is the champion with its output classes rotated (a real,
+separately registered model whose every prediction differs from the champion's), and the
+evaluation data are copies of the test images labelled with one model's own predictions: on
+``champion_wins`` the champion scores 100% and the challenger 0%, on ``challenger_wins`` the
+reverse. The scores come from the real scoring path, so the assertions test what promote does
+with them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import read_csv_rows, run_cli, write_csv
+from mlflow.tracking import MlflowClient
+
+from pipeline import metrics as M
+from pipeline.config import DataConfig
+from pipeline.data import DataError
+from pipeline.registry import (ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, Score, decide, log_ensemble_model,
+                               promote)
+
+NAME = "deepfake-ensemble"
+EXPERIMENT = "promotions"
+
+
+def use_store(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri, raising=False)
+
+
+def rotate_classes(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint whose classifier answers class k+1 where the original answers k."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    last = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2][-1]
+    for key in (last, last.replace(".weight", ".bias")):
+        state[key] = torch.roll(state[key], 1, dims=0)
+    torch.save(ckpt, dst)
+    return dst
+
+
+def relabel(data: Path, dst: Path, labels: np.ndarray) -> Path:
+    """A copy of the dataset whose test split carries ``labels``."""
+    shutil.copytree(data, dst)
+    ids = [row["image_id"] for row in read_csv_rows(data / "test.csv")]
+    write_csv(dst / "test.csv", [(i, int(y)) for i, y in zip(ids, labels)])
+    return dst
+
+
+@dataclass
+class Template:
+    db: Path
+    champion: str
+    challenger: str
+    champion_wins: Path
+    challenger_wins: Path
+
+
+@pytest.fixture(scope="module")
+def template(tuned, tmp_path_factory) -> Template:
+    """The tuned store plus a rotated challenger; @champion = the tuned version (set directly)."""
+    root = tmp_path_factory.mktemp("promotion-template")
+    shutil.copy2(tuned.workdir / "mlflow.db", root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        use_store(mp, uri)
+        mp.chdir(root)
+        client = MlflowClient(uri, uri)
+        champion = str(client.get_model_version_by_alias(NAME, "challenger").version)
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{champion}",
+                                                             dst_path=str(root / "champion")))
+        artifacts = {k: model_dir / v["path"] for k, v in
+                     mlflow.models.Model.load(model_dir).flavors["python_function"]["artifacts"].items()}
+        spec = json.loads(artifacts["ensemble"].read_text())
+        experiment = client.create_experiment("variants", artifact_location=(root / "artifacts").as_uri())
+        run_id = client.create_run(experiment, run_name="rotated").info.run_id
+        ids = [row["image_id"] for row in read_csv_rows(tuned.data / "test.csv")]
+        example = pd.DataFrame({"image": [(tuned.data / "test" / f"{ids[0]}.png").read_bytes()]})
+        challenger = log_ensemble_model(run_id, rotate_classes(artifacts["member_a"], root / "a.pt"),
+                                        rotate_classes(artifacts["member_b"], root / "b.pt"), artifacts["ensemble"],
+                                        spec["classes"], example, NAME)
+        client.set_registered_model_alias(NAME, "challenger", challenger)
+        client.set_registered_model_alias(NAME, "champion", champion)
+
+        blobs = pd.DataFrame({"image": [(tuned.data / "test" / f"{i}.png").read_bytes() for i in ids]})
+        pred = {v: mlflow.pyfunc.load_model(f"models:/{NAME}/{v}").predict(blobs)["label"].to_numpy()
+                for v in (champion, challenger)}
+    assert (pred[champion] != pred[challenger]).all()
+    return Template(root / "mlflow.db", champion, challenger,
+                    relabel(tuned.data, root / "champion-wins", pred[champion]),
+                    relabel(tuned.data, root / "challenger-wins", pred[challenger]))
+
+
+@pytest.fixture
+def store(template, tmp_path, monkeypatch) -> MlflowClient:
+    """A private copy of the template registry, active for this test."""
+    shutil.copy2(template.db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    use_store(monkeypatch, uri)
+    monkeypatch.chdir(tmp_path)
+    return MlflowClient(uri, uri)
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    return {alias: str(v) for alias, v in client.get_registered_model(NAME).aliases.items()}
+
+
+def snapshot(client: MlflowClient) -> tuple:
+    versions = client.search_model_versions(f"name='{NAME}'")
+    runs = [r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return aliases(client), sorted((str(v.version), sorted(v.tags.items())) for v in versions), sorted(runs)
+
+
+def decision_run(client: MlflowClient, run_id: str):
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kind"] == "promotion"
+    return run
+
+
+def test_first_tune_becomes_champion(tuned, tmp_path, monkeypatch):
+    shutil.copy2(tuned.workdir / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    use_store(monkeypatch, uri)
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(uri, uri)
+    version = str(client.get_model_version_by_alias(NAME, "challenger").version)
+    assert "champion" not in aliases(client)
+
+    decision = promote(DataConfig(root=str(tuned.data)), NAME, experiment=EXPERIMENT)
+    assert decision.outcome == PROMOTED and decision.reason == "no champion yet"
+    assert decision.split == "test"  # the synthetic test split is labelled, so it is the one scored
+    assert aliases(client) == {"challenger": version, "champion": version}
+
+    # The score is the accuracy of the model's own predictions on the test files.
+    rows = read_csv_rows(tuned.data / "test.csv")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    predicted = model.predict(pd.DataFrame({"image": [(tuned.data / "test" / f"{r['image_id']}.png").read_bytes()
+                                                      for r in rows]}))["label"].to_numpy()
+    accuracy = float(np.mean(predicted == np.array([int(r["label"]) for r in rows])))
+    assert decision.challenger.accuracy == pytest.approx(accuracy) and decision.challenger.images == 50
+
+    tags = client.get_model_version(NAME, version).tags
+    assert tags["previous_champion"] == "none" and tags["promoted_at"].endswith("Z")
+    assert tags["promotion_score"] == f"{accuracy:.6f}" and tags["promotion_run_id"] == decision.run_id
+    run = decision_run(client, decision.run_id)
+    assert run.data.metrics[M.PROMOTED] == 1.0
+    assert run.data.metrics[M.CHALLENGER_ACCURACY] == pytest.approx(accuracy)
+    assert M.CHALLENGER_MACRO_F1 in run.data.metrics and M.CHAMPION_ACCURACY not in run.data.metrics
+    assert run.data.params["challenger_version"] == version and run.data.params["champion_version"] == "none"
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+
+    # Same version under both aliases: nothing to score, nothing written.
+    before = snapshot(client)
+    again = promote(DataConfig(root=str(tuned.data)), NAME, experiment=EXPERIMENT)
+    assert again.outcome == ALREADY_CHAMPION and again.run_id is None and "already champion" in again.describe()
+    assert snapshot(client) == before
+
+
+def test_worse_challenger_is_not_promoted(template, store):
+    decision = promote(DataConfig(root=str(template.champion_wins)), NAME, experiment=EXPERIMENT)
+    assert decision.outcome == KEPT and not decision.promoted
+    assert (decision.challenger.accuracy, decision.champion.accuracy) == (0.0, 1.0)
+    assert aliases(store) == {"challenger": template.challenger, "champion": template.champion}
+    run = decision_run(store, decision.run_id)
+    assert run.data.metrics[M.PROMOTED] == 0.0 and run.data.metrics[M.ACCURACY_GAIN] == pytest.approx(-1.0)
+    assert run.data.params["champion_version"] == template.champion
+    tags = store.get_model_version(NAME, template.challenger).tags
+    assert tags["promotion_outcome"] == KEPT and "promoted_at" not in tags
+    assert "superseded_by" not in store.get_model_version(NAME, template.champion).tags
+
+
+def test_better_challenger_is_promoted_and_the_old_champion_kept(template, store):
+    decision = promote(DataConfig(root=str(template.challenger_wins)), NAME, experiment=EXPERIMENT)
+    assert decision.outcome == PROMOTED and decision.gain == pytest.approx(1.0)
+    assert aliases(store)["champion"] == template.challenger
+    new = store.get_model_version(NAME, template.challenger).tags
+    assert new["previous_champion"] == template.champion and new["promotion_score"] == "1.000000"
+    old = store.get_model_version(NAME, template.champion)
+    assert old.tags["superseded_by"] == template.challenger  # still a version, ready for a rollback
+    run = decision_run(store, decision.run_id)
+    assert run.data.metrics[M.CHAMPION_ACCURACY] == 0.0 and run.data.metrics[M.CHALLENGER_ACCURACY] == 1.0
+    assert f"set_registered_model_alias('{NAME}', 'champion', '{template.champion}')" in decision.describe()
+    # The documented rollback.
+    store.set_registered_model_alias(NAME, "champion", template.champion)
+    assert aliases(store)["champion"] == template.champion
+
+
+def test_dry_run_changes_nothing(template, store):
+    before = snapshot(store)
+    decision = promote(DataConfig(root=str(template.challenger_wins)), NAME, dry_run=True, experiment=EXPERIMENT)
+    assert decision.outcome == PROMOTED and decision.dry_run and decision.run_id is None
+    assert "dry run: would promote" in decision.describe()
+    assert snapshot(store) == before
+
+
+def test_min_gain_and_force(template, store):
+    data = DataConfig(root=str(template.challenger_wins))
+    decision = promote(data, NAME, min_gain=1.5, experiment=EXPERIMENT)  # wins by 1.0 < 1.5
+    assert decision.outcome == KEPT and "less than min gain" in decision.reason
+    assert aliases(store)["champion"] == template.champion
+    forced = promote(DataConfig(root=str(template.champion_wins)), NAME, force=True, experiment=EXPERIMENT)
+    assert forced.outcome == PROMOTED and forced.reason.startswith("forced")
+    assert aliases(store)["champion"] == template.challenger
+    with pytest.raises(ValueError, match="min-gain must be >= 0"):
+        promote(data, NAME, min_gain=-0.1)
+
+
+def test_decision_rule_tie_keeps_the_champion():
+    def score(correct: int, version: str = "2") -> Score:
+        return Score(version, correct / 50, 0.0, correct, 50)
+
+    assert decide(score(20), score(20, "1"), 0.0, False)[0] == KEPT  # a tie is no evidence
+    assert decide(score(21), score(20, "1"), 0.0, False)[0] == PROMOTED
+    assert decide(score(21), score(20, "1"), 0.02, False)[0] == PROMOTED  # exactly min_gain (1/50)
+    assert decide(score(21), score(20, "1"), 0.03, False)[0] == KEPT
+    assert decide(score(19), score(20, "1"), 0.0, True)[0] == PROMOTED
+    assert decide(score(0), None, 0.5, False) == (PROMOTED, "no champion yet")
+
+
+def test_unlabelled_split_and_missing_challenger_are_clear_errors(tuned, template, store, tmp_path):
+    data = shutil.copytree(tuned.data, tmp_path / "data")
+    ids = [row["image_id"] for row in read_csv_rows(data / "test.csv")]
+    write_csv(data / "test.csv", [(i,) for i in ids], ("image_id",))
+    with pytest.raises(DataError, match="test split has no labels"):
+        promote(DataConfig(root=str(data)), NAME, split="test")
+    store.delete_registered_model_alias(NAME, "challenger")
+    with pytest.raises(PromotionError, match="carries @challenger"):
+        promote(DataConfig(root=str(data)), NAME)
+    with pytest.raises(PromotionError, match="no registered model 'nothing'"):
+        promote(DataConfig(root=str(data)), "nothing")
+
+
+def test_promote_cli(template, tmp_path):
+    shutil.copy2(template.db, tmp_path / "mlflow.db")
+    proc = run_cli(["promote", "--data", str(template.challenger_wins), "--experiment", EXPERIMENT,
+                    "--min-gain", "0.5", "--no-progress"], tmp_path)
+    assert f"promoted {NAME} v{template.challenger} to @champion" in proc.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert str(MlflowClient(uri, uri).get_model_version_by_alias(NAME, "champion").version) == template.challenger
