@@ -122,6 +122,8 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """No test may write the decode cache (or anything else) under the user's ~/.cache."""
     cache = tmp_path_factory.mktemp("deepfake-tune-cache")
     monkeypatch.setenv("DEEPFAKE_TUNE_CACHE", str(cache))
+    # MLflow puts a new experiment's artifacts in ./mlruns of the working directory: never the repo's.
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     return cache
 
 

@@ -137,6 +137,7 @@ def tracking_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from mlflow.tracking._tracking_service import utils
 
     handler, previous = signal.getsignal(signal.SIGTERM), utils._tracking_uri
+    monkeypatch.chdir(tmp_path)  # a new experiment's artifact root is ./mlruns of the working directory
     use(f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield use
     signal.signal(signal.SIGTERM, handler)  # cli.main installs its own
