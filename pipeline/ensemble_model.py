@@ -1,0 +1,7 @@
+"""MLflow models-from-code entry: the registered ensemble is this file plus the package, not a pickle."""
+
+import mlflow
+
+from pipeline.ensemble import EnsembleModel
+
+mlflow.models.set_model(EnsembleModel())
