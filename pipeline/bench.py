@@ -70,6 +70,7 @@ class BenchSettings:
     search_epochs: int
     search_max_train: int | None
     search_pruner: str
+    search_warmup: int | None  # None: the demo preset's pruner_warmup_epochs
     matmul_size: int
     inference_images: int
     inference_reps: int
@@ -80,11 +81,14 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
               search_trials: int | None = None, skip: str | None = None, json_path: str | None = None, *,
               max_train: int | None = DEFAULT_MAX_TRAIN, search_epochs: int = 6,
               search_max_train: int | None = 1000, search_data: DataConfig | None = None,
-              search_pruner: str = "median", matmul_size: int = 2048, inference_images: int = 256,
+              search_pruner: str = "median", search_warmup: int | None = None, matmul_size: int = 2048,
+              inference_images: int = 256,
               inference_reps: int = 3, model_uri: str | None = None, experiment: str | None = None,
               print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every section not in ``skip`` (comma list of ``SECTIONS``); returns the figures."""
     skipped = _parse_skip(skip)
+    if search_pruner not in ("median", "hyperband"):
+        raise ValueError(f"bench: search_pruner must be median or hyperband, got {search_pruner!r}")
     device = resolve_device(preset.train.device)
     settings = BenchSettings(
         data_root=str(preset.data.root), image_size=preset.data.image_size,
@@ -92,47 +96,45 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
         epochs=epochs or DEFAULT_EPOCHS, batch_size=REFERENCE_BATCH, max_train=max_train, seed=preset.train.seed,
         device=str(device), precision=resolve_precision(preset.train.precision, device), lr=preset.train.lr,
         search_trials=search_trials or 8, search_epochs=search_epochs, search_max_train=search_max_train,
-        search_pruner=search_pruner, matmul_size=matmul_size, inference_images=inference_images,
-        inference_reps=inference_reps, skip=skipped)
+        search_pruner=search_pruner, search_warmup=search_warmup, matmul_size=matmul_size,
+        inference_images=inference_images, inference_reps=inference_reps, skip=skipped)
     out: dict[str, Any] = {"settings": asdict(settings), "machine": machine_info(), "section_seconds": {}}
     clock = out["section_seconds"]
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        value = fn()
+        clock[name] = time.perf_counter() - t0
+        return value
+
     print_fn(describe_settings(settings, out["machine"]))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp_dir = Path(tmp)
+        # The reference's policy and normalisation, whatever the preset says: both paths see the same work.
         data_cfg = replace(preset.data, augment="geometric", normalize="imagenet", cutmix_alpha=0.0, mixup_alpha=0.0)
         members: dict[str, dict[str, torch.Tensor]] = {}
         if {"reference", "ours", "ceiling", "inference"} - set(skipped):
-            t0 = time.perf_counter()
-            data, out["data"] = load_bench_data(data_cfg, tmp_dir / "cache")
+            data, out["data"] = timed("data", lambda: load_bench_data(data_cfg, tmp_dir / "cache"))
             train_data, out["data"]["train_used"] = subsample(data, max_train, settings.seed, REFERENCE_BATCH)
-            clock["data"] = time.perf_counter() - t0
             print_fn(describe_data(out["data"]))
             out["training"] = {}
-            for arch in settings.archs:
-                if {"reference", "ours"} - set(skipped):
-                    t0 = time.perf_counter()
-                    figures, state = bench_training(arch, train_data, data_cfg, preset.train, settings, skipped)
-                    clock[f"training_{arch}"] = time.perf_counter() - t0
-                    out["training"][arch] = figures
-                    if state is not None:
-                        members[arch] = state
-                    print_fn(describe_training(arch, figures))
+            for arch in settings.archs if {"reference", "ours"} - set(skipped) else ():
+                figures, state = timed(f"training_{arch}", lambda: bench_training(
+                    arch, train_data, data_cfg, preset.train, settings, skipped))
+                out["training"][arch] = figures
+                if state is not None:
+                    members[arch] = state
+                print_fn(describe_training(arch, figures))
             if "ceiling" not in skipped:
-                t0 = time.perf_counter()
-                out["ceiling"] = bench_ceiling(settings, data, out["training"], device)
-                clock["ceiling"] = time.perf_counter() - t0
+                out["ceiling"] = timed("ceiling", lambda: bench_ceiling(settings, data, out["training"], device))
                 print_fn(describe_ceiling(out["ceiling"]))
             if "inference" not in skipped:
-                t0 = time.perf_counter()
-                out["inference"] = bench_inference(data, data_cfg, preset.train, settings, members, tmp_dir,
-                                                   model_uri)
-                clock["inference"] = time.perf_counter() - t0
+                out["inference"] = timed("inference", lambda: bench_inference(
+                    data, data_cfg, preset.train, settings, members, tmp_dir, model_uri))
                 print_fn(describe_inference(out["inference"]))
         if "search" not in skipped:
-            t0 = time.perf_counter()
-            out["search"] = bench_search(settings, search_data, preset)
-            clock["search"] = time.perf_counter() - t0
+            out["search"] = timed("search", lambda: bench_search(settings, search_data))
             print_fn(describe_search(out["search"]))
     out["targets"] = check_targets(out)
     out["seconds"] = time.perf_counter() - start
@@ -404,6 +406,8 @@ def train_members(data: Dataset, data_cfg: DataConfig, base: TrainConfig, settin
 def _ensemble_module():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mlflow's advice on predict type hints, given when the class is defined
+        import mlflow.pyfunc  # noqa: F401
+
         from . import ensemble
     return ensemble
 
@@ -459,12 +463,11 @@ def bench_inference(data: Dataset, data_cfg: DataConfig, base: TrainConfig, sett
                     model_uri: str | None) -> dict[str, Any]:
     """Pyfunc ``predict`` on a DataFrame of PNG bytes (decode included) against the members' raw
     forward passes on preloaded uint8 tensors (same device, precision and batch size)."""
+    decode_request_image = _ensemble_module().decode_request_image
     import mlflow.pyfunc
     import pandas as pd
 
     from .train import predict_probs
-
-    decode_request_image = _ensemble_module().decode_request_image
 
     if model_uri is None:
         if len(members) < 2:
@@ -503,7 +506,7 @@ def bench_inference(data: Dataset, data_cfg: DataConfig, base: TrainConfig, sett
 
 # ----------------------------------------------------------------------------- search efficiency
 
-def bench_search(settings: BenchSettings, search_data: DataConfig | None, preset: Preset) -> dict[str, Any]:
+def bench_search(settings: BenchSettings, search_data: DataConfig | None) -> dict[str, Any]:
     """Two real Optuna studies on the embedded dataset (the ``demo`` preset's data, space and trainer),
     same TPE seed and trial count: ``search_pruner`` against no pruning."""
     import optuna
@@ -513,6 +516,8 @@ def bench_search(settings: BenchSettings, search_data: DataConfig | None, preset
     data, _ = subsample(load_dataset(data_cfg), settings.search_max_train, settings.seed)
     model_cfg = replace(demo.model, arch=demo.study.members[0], num_classes=data.num_classes)
     train_cfg = replace(demo.train, epochs=settings.search_epochs, device=settings.device, seed=settings.seed)
+    if settings.search_warmup is not None:
+        demo = replace(demo, study=replace(demo.study, pruner_warmup_epochs=settings.search_warmup))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     studies = {}
     for label, pruner in ((settings.search_pruner, settings.search_pruner), ("none", "none")):
@@ -522,7 +527,8 @@ def bench_search(settings: BenchSettings, search_data: DataConfig | None, preset
     cross = epochs_to_reach(pruned["trace"], plain["final_best"] - WITHIN)
     return {"dataset": str(data.root), "train_images": len(data.train), "val_images": len(data.validation),
             "arch": model_cfg.arch, "trials": settings.search_trials, "max_epochs": settings.search_epochs,
-            "pruner": settings.search_pruner, "with_pruning": pruned, "without_pruning": plain,
+            "pruner": settings.search_pruner, "pruner_warmup_epochs": demo.study.pruner_warmup_epochs,
+            "with_pruning": pruned, "without_pruning": plain,
             "epoch_ratio": pruned["epochs_to_within_1pt"] / plain["epochs_to_within_1pt"],
             "total_epoch_ratio": pruned["total_epochs"] / plain["total_epochs"],
             "pruned_epochs_to_within_1pt_of_unpruned_best": cross,
@@ -591,7 +597,11 @@ def check_targets(out: dict[str, Any]) -> dict[str, Any]:
     if "inference" in out:
         targets["inference_ratio_80pct"] = out["inference"]["ratio"] >= TARGETS["inference_ratio"]
     if "search" in out:
-        targets["pruning_half_epochs"] = out["search"]["epoch_ratio"] <= TARGETS["search_epoch_ratio"]
+        s = out["search"]
+        targets["pruning_half_epochs"] = s["epoch_ratio"] <= TARGETS["search_epoch_ratio"]
+        # The stricter reading: the pruned study must not lose the best trial on the way.
+        targets["pruning_keeps_best_within_1pt"] = (s["with_pruning"]["final_best"]
+                                                    >= s["without_pruning"]["final_best"] - WITHIN)
     targets["all_met"] = all(targets.values()) if targets else False
     return targets
 
@@ -600,7 +610,7 @@ def describe_settings(s: BenchSettings, machine: dict[str, Any]) -> str:
     return (f"bench: data {s.data_root}, image size {s.image_size or 'native'}, archs {','.join(s.archs)}, "
             f"{s.epochs} epochs, batch {s.batch_size}, max train {s.max_train or 'all'}, seed {s.seed}, "
             f"device {s.device}, our precision {s.precision}; search {s.search_trials} trials x "
-            f"{s.search_epochs} epochs ({s.search_pruner} vs none); skip {','.join(s.skip) or '-'}; "
+            f"{s.search_epochs} epochs ({s.search_pruner} vs none, warm-up {s.search_warmup or 'preset'}); skip {','.join(s.skip) or '-'}; "
             f"{machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads, load {machine['loadavg_start']}")
 
 
