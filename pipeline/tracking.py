@@ -137,7 +137,16 @@ def end_run(mlflow_client: MlflowClient, run_id: str, status: str = "FINISHED") 
 
 
 def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    """Log params; a key that the run already holds with another value (``mlflow run`` logs the
+    entry point's raw parameters, e.g. ``split=''``) is logged as ``resolved.<key>`` instead, since
+    MLflow refuses to change a param."""
+    existing = mlflow_client.get_run(run_id).data.params
+    items = []
+    for key, value in params.items():
+        text = _param_value(value)
+        if key in existing and existing[key] != text:
+            key = f"resolved.{key}"
+        items.append(Param(key, text))
     for i in range(0, len(items), 100):
         mlflow_client.log_batch(run_id, params=items[i:i + 100])
 

@@ -211,13 +211,14 @@ def _parent_run(session: Session) -> str:
         study.set_user_attr(PARENT_ATTR, run_id)
         study.set_user_attr("mlflow_experiment_id", session.experiment_id)
     params = {
-        "study": session.study_name,
-        "member_studies": ",".join(session.member_study_name(a) for a in session.preset.study.members),
-        "trials_per_member": session.preset.study.trials,
-        "storage": tracking.redact(session.storage_url),
-        "dataset": str(session.data.root),
-        "dataset_digest": session.data.digest,
-        "preset": session.preset.name,
+        # "session." keeps these apart from the entry-point parameters `mlflow run` logs on its run.
+        "session.study": session.study_name,
+        "session.member_studies": ",".join(session.member_study_name(a) for a in session.preset.study.members),
+        "session.trials_per_member": session.preset.study.trials,
+        "session.storage": tracking.redact(session.storage_url),
+        "session.dataset": str(session.data.root),
+        "session.dataset_digest": session.data.digest,
+        "session.preset": session.preset.name,
         **flat_params(session.preset, ("data", "train", "study")),
     }
     tracking.log_params(session.client, run_id, params)

@@ -78,7 +78,7 @@ def test_two_workers_on_postgresql_and_an_mlflow_server(postgres, tracking_serve
     studies = ["scale.cnn_v1", "scale.cnn_v2"]
     session = assert_one_session(client, storage, studies, 2)
     assert session["parent"].info.status == "FINISHED"
-    assert session["parent"].data.params["storage"] == postgres.url("optuna", password="***")
+    assert session["parent"].data.params["session.storage"] == postgres.url("optuna", password="***")
     versions = client.search_model_versions("name='deepfake-ensemble'")
     assert len(versions) == 1
     # Artifacts went through the server into its --artifacts-destination.

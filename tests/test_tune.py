@@ -58,10 +58,10 @@ def test_tune_logs_one_parent_with_nested_trials(tuned):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["study"] == "e2e"
-    assert parent.data.params["trials_per_member"] == "2"
-    assert parent.data.params["storage"].endswith("optuna.db")
-    assert "e2e.cnn_v1" in parent.data.params["member_studies"]
+    assert parent.data.params["session.study"] == "e2e"
+    assert parent.data.params["session.trials_per_member"] == "2"
+    assert parent.data.params["session.storage"].endswith("optuna.db")
+    assert "e2e.cnn_v1" in parent.data.params["session.member_studies"]
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna/cnn_v1")}
     assert "optuna/cnn_v1/optimization_history.html" in parent_artifacts
     assert "optuna/cnn_v1/intermediate_values.html" in parent_artifacts
