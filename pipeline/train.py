@@ -8,7 +8,6 @@ exception propagates unchanged.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import sys
 import time
@@ -244,7 +243,3 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         device=str(device),
         precision=precision,
     )
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
