@@ -272,13 +272,13 @@ def run_reference(model_cfg: ModelConfig, data: Dataset, settings: BenchSettings
     resize = settings.image_size if settings.image_size else None
     epochs = reference_fit(model, train_paths, train_labels, val_paths, val_labels, settings.epochs, settings.lr,
                            resize, settings.seed, device)
-    train_s, train_n = sum(e.train_seconds for e in epochs), sum(e.train_images for e in epochs)
-    eval_s, eval_n = sum(e.eval_seconds for e in epochs), sum(e.eval_images for e in epochs)
+    train_rates = [e.train_images / e.train_seconds for e in epochs]
+    eval_rates = [e.eval_images / e.eval_seconds for e in epochs]
     accs = [e.val_accuracy for e in epochs]
     return {"precision": "fp32", "memory_format": "contiguous", "batch_size": REFERENCE_BATCH, "workers": 2,
-            "train_seconds": train_s, "train_images_per_second": train_n / train_s,
-            "eval_seconds": eval_s, "eval_images_per_second": eval_n / eval_s,
-            "epoch_train_seconds": [e.train_seconds for e in epochs],
+            "train_seconds": sum(e.train_seconds for e in epochs),
+            "train_images_per_second": statistics.median(train_rates), "epoch_train_images_per_second": train_rates,
+            "eval_images_per_second": statistics.median(eval_rates), "epoch_eval_images_per_second": eval_rates,
             "val_accuracy": accs, "best_val_accuracy": max(accs), "last_val_accuracy": accs[-1]}
 
 
@@ -300,20 +300,24 @@ def run_ours(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, base: 
     from .data import Normalizer
 
     normalizer = Normalizer(data_cfg.normalize, device)
-    val_x = data.validation.images.to(device)
-    evaluate(model, val_x[:cfg.eval_batch_size], data.validation.labels[:cfg.eval_batch_size], normalizer, device,
-             result.precision, cfg.eval_batch_size)  # warm-up: first-call kernel selection
-    _sync(device)
-    t0 = time.perf_counter()
-    evaluate(model, val_x, data.validation.labels, normalizer, device, result.precision, cfg.eval_batch_size)
-    _sync(device)
-    eval_s = time.perf_counter() - t0
+    val_x, val_y = data.validation.images.to(device), data.validation.labels
+    eval_rates = []
+    for _ in range(settings.epochs):  # as many evaluation passes as the reference times
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluate(model, val_x, val_y, normalizer, device, result.precision, cfg.eval_batch_size)
+        _sync(device)
+        eval_rates.append(len(val_x) / (time.perf_counter() - t0))
+    train_rates = [e.images / e.seconds for e in result.epoch_stats]
     accs = [row[M.VAL_ACCURACY] for row in result.history]
     figures = {"precision": result.precision, "memory_format": "channels_last", "batch_size": cfg.batch_size,
-               "train_seconds": result.train_seconds, "train_images_per_second": result.images_per_second,
-               "data_fraction": result.data_fraction,
-               "compute_images_per_second": result.images_per_second / max(1e-9, 1.0 - result.data_fraction),
-               "eval_seconds": eval_s, "eval_images_per_second": len(val_x) / eval_s,
+               "train_seconds": result.train_seconds,
+               "train_images_per_second": statistics.median(train_rates), "epoch_train_images_per_second": train_rates,
+               "mean_train_images_per_second": result.images_per_second, "data_fraction": result.data_fraction,
+               "epoch_data_fraction": [e.data_seconds / e.seconds for e in result.epoch_stats],
+               "compute_images_per_second": statistics.median(
+                   e.images / (e.seconds - e.data_seconds) for e in result.epoch_stats),
+               "eval_images_per_second": statistics.median(eval_rates), "epoch_eval_images_per_second": eval_rates,
                "val_accuracy": accs, "best_val_accuracy": result.best_val_accuracy, "last_val_accuracy": accs[-1],
                "best_epoch": result.best_epoch}
     return figures, result.best_state
@@ -362,11 +366,13 @@ def model_flops(arch: str, num_classes: int, shape: tuple[int, int, int],
 
 def bench_ceiling(settings: BenchSettings, data: Dataset, training: dict[str, Any],
                   device: torch.device) -> dict[str, Any]:
-    peaks = {"fp32": matmul_flops(settings.matmul_size, torch.float32, device)}
-    try:
+    from .train import bf16_supported
+
+    peaks = {"fp32": matmul_flops(settings.matmul_size, torch.float32, device), "bf16": float("nan")}
+    # Without native bf16 (AVX2-only CPUs) torch emulates it at ~1 GFLOP/s: a 2048^3 matmul would
+    # take minutes and measure nothing our training uses (precision auto picks fp32 there).
+    if bf16_supported(device):
         peaks["bf16"] = matmul_flops(settings.matmul_size, torch.bfloat16, device)
-    except RuntimeError:  # no bf16 matmul on this device
-        peaks["bf16"] = float("nan")
     out: dict[str, Any] = {"matmul_size": settings.matmul_size, "matmul_fp32_flops": peaks["fp32"],
                            "matmul_bf16_flops": peaks["bf16"], "archs": {}}
     for arch in settings.archs:

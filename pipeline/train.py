@@ -57,6 +57,7 @@ class FitResult:
     stop_reason: str = "max_epochs"  # max_epochs | early_stopping
     device: str = "cpu"
     precision: str = "fp32"
+    epoch_stats: list[EpochStats] = field(default_factory=list)  # per epoch: images, seconds, data seconds
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -202,6 +203,7 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
 
     best_acc, best_epoch, best_state, best_probs = -1.0, 0, None, None
     history: list[dict[str, float]] = []
+    epoch_stats: list[EpochStats] = []
     train_seconds = images = data_seconds = 0.0
     stop_reason = "max_epochs"
     epochs = _progress(range(1, cfg.epochs + 1), progress, desc="epochs")
@@ -209,6 +211,7 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, train_x, train_y, augment, optimizer, loss_fn, cfg.batch_size,
                                 device, precision, generator, progress)
+        epoch_stats.append(stats)
         train_seconds += stats.seconds
         data_seconds += stats.data_seconds
         images += stats.images
@@ -239,6 +242,7 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         train_seconds=train_seconds,
         images_per_second=images / train_seconds if train_seconds else 0.0,
         data_fraction=data_seconds / train_seconds if train_seconds else 0.0,
+        epoch_stats=epoch_stats,
         stop_reason=stop_reason,
         device=str(device),
         precision=precision,

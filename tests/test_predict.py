@@ -52,7 +52,8 @@ def test_submission_matches_test_csv_order_and_pyfunc_predictions(tuned, pyfunc,
     expected = model.predict(pd.DataFrame({"image": blobs}))
     assert frame["label"].tolist() == expected["label"].tolist()
     probs = frame[[f"prob_{i}" for i in range(5)]].to_numpy().astype(np.float32)
-    np.testing.assert_array_equal(probs, expected[[f"prob_{i}" for i in range(5)]].to_numpy(np.float32))
+    # Equal up to float rounding: a batch of 2 and one of 50 may take different kernels (AVX2 machines).
+    np.testing.assert_allclose(probs, expected[[f"prob_{i}" for i in range(5)]].to_numpy(np.float32), rtol=0, atol=1e-6)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # The synthetic test split is labelled: the reported accuracy is the CSV's.
     truth = [int(row["label"]) for row in read_csv_rows(tuned.data / "test.csv")]
