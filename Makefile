@@ -6,7 +6,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test bench ui install clean-results
+.PHONY: demo test bench ui install mlproject clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m pipeline bench $(BENCH_ARGS)
+
+# MLproject is generated from the command table (pipeline/cli/commands.py); a test checks it is current.
+mlproject: $(STAMP)
+	$(PY) -m pipeline.cli.mlproject > MLproject
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -188,12 +188,12 @@ def arch_args(arch: str) -> dict[str, object]:
     return {name: p.default for name, p in params.items() if name != "self"}
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build ``cfg.arch`` from the ``ModelConfig`` fields its constructor takes.
+def model_kwargs(cfg: ModelConfig) -> dict[str, object]:
+    """The constructor arguments of ``cfg.arch`` from ``cfg``, checked without building anything.
 
     ``None`` dropouts keep the architecture's default. A field the architecture does not have but
     which is set away from its ``ModelConfig`` default raises ``ValueError`` rather than being
-    ignored; ``cfg.weights`` (vgg16 only) is loaded with ``load_pretrained``.
+    ignored; ``cfg.weights`` must be an existing file, for vgg16 only.
     """
     cls = _model_class(cfg.arch)
     accepted = arch_args(cfg.arch)
@@ -214,7 +214,13 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         # Checked before building: a 134M-parameter model takes seconds to initialise.
         raise FileNotFoundError(f"VGG16 weights file not found: {cfg.weights}")
-    model = cls(**kwargs)
+    return kwargs
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build ``cfg.arch`` from the ``ModelConfig`` fields its constructor takes (``model_kwargs``);
+    ``cfg.weights`` (vgg16 only) is loaded with ``load_pretrained``."""
+    model = _model_class(cfg.arch)(**model_kwargs(cfg))
     if isinstance(model, VGG16):
         if cfg.weights is None:
             # warnings.warn shows a given message once per process by default: no state of our own.

@@ -28,11 +28,11 @@ import torch
 from conftest import read_csv_rows, run_cli, write_csv
 from mlflow.tracking import MlflowClient
 
-from pipeline import metrics as M
+from pipeline import metric_names as M
 from pipeline.config import DataConfig
 from pipeline.data import DataError
-from pipeline.registry import (ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, Score, decide, log_ensemble_model,
-                               promote)
+from pipeline.registry.promote import ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, Score, decide, promote
+from pipeline.registry.register import log_ensemble_model
 
 NAME = "deepfake-ensemble"
 EXPERIMENT = "promotions"

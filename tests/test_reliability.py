@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 from workers import (assert_one_session, finish, load_trials, mid_trial, session_runs, small_data,  # noqa: F401
                      start_worker, tracking_here, tune_args, wait_for, write_preset)
 
-from pipeline import metrics as M
-from pipeline.checkpoint import load_checkpoint
+from pipeline import metric_names as M
+from pipeline.train.checkpoint import load_checkpoint
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -89,19 +89,20 @@ def test_cuda_oom_fails_the_trial_releases_its_memory_and_the_study_goes_on(smal
                                                                             monkeypatch, capsys):
     from pipeline import tune
     from pipeline.config import load_preset
+    from pipeline.train import recipe
 
     monkeypatch.setenv("DEEPFAKE_TUNE_FAULT", "cuda_oom@cnn_v1#0")
     preset = load_preset(str(write_preset(tmp_path / "preset.yaml", small_data)))
     session = tune.open_session(preset, "deepfake", "oom", f"sqlite:///{tmp_path / 'optuna.db'}")
     baseline = _live_models()
     seen_at_build: list[int] = []
-    build = tune.build_model
+    build = recipe.build_model
 
     def counting_build(cfg):
         seen_at_build.append(_live_models() - baseline)  # models still alive when the next is built
         return build(cfg)
 
-    monkeypatch.setattr(tune, "build_model", counting_build)
+    monkeypatch.setattr(recipe, "build_model", counting_build)
     counts = tune.run_member_study(session, "cnn_v1")
     assert counts == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 1}  # the study went on to its budget
     assert seen_at_build == [0, 0, 0]  # the out-of-memory trial's network was freed before the next

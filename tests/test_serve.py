@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.data.cache import decode_one
-from pipeline.ensemble import decode_request_image
+from pipeline.ensemble.request import decode_request_image
 
 NAME = "deepfake-ensemble"
 PROBS = [f"prob_{i}" for i in range(5)]

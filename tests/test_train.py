@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import PROJECT_DIR, cli_env, run_cli, write_csv, write_png
 
-from pipeline import metrics as M
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline import metric_names as M
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data import load_dataset
 from pipeline.models import build_model

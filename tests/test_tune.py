@@ -17,15 +17,17 @@ import torch
 from conftest import cli_env, run_cli
 from mlflow.tracking import MlflowClient
 
-from pipeline import metrics as M
-from pipeline.config import DataConfig, ModelConfig, SearchSpace, TrainConfig
+from pipeline import metric_names as M
+from pipeline.config import Choice, DataConfig, ModelConfig, Range, SearchSpace, TrainConfig
+from pipeline.config.space import default_space
 from pipeline.tune import suggest
 
 
 def test_suggest_returns_plain_configs_within_the_space():
-    space = SearchSpace(lr=(1e-4, 3e-3), batch_size=(16, 32), dropout_features=(0.1, 0.5),
-                        dropout_fc=(0.25, 0.6), weight_decay=(1e-6, 1e-3), label_smoothing=(0.0, 0.1),
-                        augment=("geometric", "color"))
+    space = SearchSpace.of({"train.lr": Range(1e-4, 3e-3, log=True), "train.batch_size": Choice((16, 32)),
+                            "model.dropout_features": Range(0.1, 0.5), "model.dropout_fc": Range(0.25, 0.6),
+                            "train.weight_decay": Range(1e-6, 1e-3, log=True),
+                            "train.label_smoothing": Range(0.0, 0.1), "data.augment": Choice(("geometric", "color"))})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()
@@ -38,7 +40,7 @@ def test_suggest_returns_plain_configs_within_the_space():
     # vgg16 has no feature dropout: the space must not hand it one.
     model, _, _ = suggest(optuna.trial.FixedTrial({"lr": 1e-3, "batch_size": 16, "dropout_fc": 0.3,
                                                    "weight_decay": 1e-5}),
-                          SearchSpace(), ModelConfig(arch="vgg16"), TrainConfig(), DataConfig())
+                          default_space(), ModelConfig(arch="vgg16"), TrainConfig(), DataConfig())
     assert model.dropout_features is None and model.dropout_fc == 0.3
 
 
@@ -118,7 +120,7 @@ def _png_bytes(path: Path) -> bytes:
 def test_registered_model_predicts_weighted_member_average(tuned, tmp_path, monkeypatch):
     import mlflow.pyfunc
 
-    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
     from pipeline.data import Normalizer
     from pipeline.data.layout import index_dataset
     from pipeline.train import predict_probs

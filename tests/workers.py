@@ -38,8 +38,10 @@ def write_preset(path: Path, data: Path, members=("cnn_v1",), trials: int = 2, e
                   "eval_batch_size": 64, "early_stop_patience": 1000},
         "study": {"members": list(members), "trials": trials, "pruner": "none", "top_k": 2,
                   "ensemble_method": "soft", "ensemble_trials": 4, "heartbeat_seconds": heartbeat,
-                  "space": {"lr": [1e-3, 3e-3], "batch_size": [16], "dropout_features": [0.1, 0.3],
-                            "dropout_fc": [0.2, 0.4], "weight_decay": [1e-6, 1e-4]}},
+                  "space": {"train.lr": {"low": 1e-3, "high": 3e-3, "log": True}, "train.batch_size": [16],
+                            "model.dropout_features": {"low": 0.1, "high": 0.3},
+                            "model.dropout_fc": {"low": 0.2, "high": 0.4},
+                            "train.weight_decay": {"low": 1e-6, "high": 1e-4, "log": True}}},
     }
     path.write_text(yaml.safe_dump(preset))
     return path

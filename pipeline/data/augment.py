@@ -19,27 +19,34 @@ NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-POLICIES = ("none", "geometric", "color")
+
+
+def _geometric() -> v2.Transform:  # reference 1
+    return v2.Compose([
+        v2.RandomRotation(15),
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomPerspective(distortion_scale=0.2, p=0.3),
+    ])
+
+
+def _color() -> v2.Transform:  # reference 2
+    return v2.Compose([
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomRotation(15),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.3),
+    ])
+
+
+# The two reference solutions' training augmentations, by name (config.AUGMENT_POLICIES lists the same names).
+POLICIES = {"none": lambda: None, "geometric": _geometric, "color": _color}
 
 
 def build_policy(name: str) -> v2.Transform | None:
-    """The two reference solutions' training augmentations, by name."""
-    if name == "none":
-        return None
-    if name == "geometric":  # reference 1
-        return v2.Compose([
-            v2.RandomRotation(15),
-            v2.RandomHorizontalFlip(0.5),
-            v2.RandomPerspective(distortion_scale=0.2, p=0.3),
-        ])
-    if name == "color":  # reference 2
-        return v2.Compose([
-            v2.RandomHorizontalFlip(0.5),
-            v2.RandomRotation(15),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
-            v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.3),
-        ])
-    raise ValueError(f"unknown augmentation policy {name!r}; choose one of {', '.join(POLICIES)}")
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown augmentation policy {name!r}; choose one of {', '.join(POLICIES)}") from None
 
 
 def build_mix(cutmix_alpha: float, mixup_alpha: float, num_classes: int) -> v2.Transform | None:

@@ -65,7 +65,7 @@ def ensure_default_data(cfg: DataConfig) -> None:
     if cfg.root == DEFAULT_DATA and not root.exists():
         from .synth import synthesize
 
-        summary = synthesize(root, cfg.synth_preset)
+        summary = synthesize(root, cfg.synth_preset, cfg.synth_seed)
         print(f"generated the synthetic dataset ({cfg.synth_preset}) in {root} "
               f"in {summary.seconds:.1f}s")
 

@@ -1,4 +1,5 @@
-"""Storage URLs and the cross-process lock that serialises schema creation and trial admission.
+"""The Optuna storage: URLs, opening it with heartbeats, and the cross-process lock that serialises
+schema creation and trial admission.
 
 Two processes creating a fresh Optuna or MLflow schema at once fail (SQLite and PostgreSQL alike),
 and "exactly N trials" across workers needs an atomic count-then-ask. A SQLite storage is guarded
@@ -16,6 +17,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
+
+import optuna
+
+from ..tracking import redact, scrub
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -83,3 +88,30 @@ def retry(action, attempts: int = 5, delay: float = 0.5):
             if attempt == attempts - 1:
                 raise
             time.sleep(delay * (attempt + 1) + (os.getpid() % 7) * 0.05)
+
+
+def open_storage(url: str, heartbeat: int, max_retry: int) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats (a lost worker's trial is failed and re-queued with the same
+    parameters, at most ``max_retry`` times), or whatever else Optuna accepts for ``url``."""
+    if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}},
+            heartbeat_interval=heartbeat,
+            grace_period=heartbeat * 2,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+        )
+    return optuna.storages.get_storage(url)
+
+
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage) and bool(storage.get_heartbeat_interval())
+
+
+def storage_error(url: str, exc: BaseException) -> str | None:
+    """A clear one-line message for a storage that cannot be opened (None: not a storage problem)."""
+    if isinstance(exc, (optuna.exceptions.OptunaError, ImportError)) or type(exc).__module__.startswith("sqlalchemy"):
+        text = scrub(str(exc).strip(), url)
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        return f"Optuna storage {redact(url)} is not usable: {first}"
+    return None

@@ -7,7 +7,6 @@ exception propagates unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import sys
 import time
@@ -19,15 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from .config import DataConfig, TrainConfig, parse_class_weights
-from .data import BatchAugmenter, Dataset, Normalizer
+from .. import metric_names as M
+from ..config import DataConfig, TrainConfig, parse_class_weights
+from ..data import BatchAugmenter, Dataset, Normalizer
+from .device import autocast, resolve_device, resolve_precision
 
 Report = Callable[[int, dict[str, float]], None]
-
-
-class DeviceError(RuntimeError):
-    """A device or precision that this machine cannot provide."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,40 +54,6 @@ class FitResult:
     device: str = "cpu"
     precision: str = "fp32"
     epoch_stats: list[EpochStats] = field(default_factory=list)  # per epoch: images, seconds, data seconds
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {spec!r} was asked for but CUDA is not available on this machine; "
-                              "use --device cpu or --device auto")
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return device
-    return torch.device(spec)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    if precision == "bf16" and not bf16_supported(device):
-        raise DeviceError(f"precision bf16 is not supported on {device}; use --precision fp32 or auto")
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,6 @@
-"""Model registry: register the chosen pair as one pyfunc model, move aliases on evidence.
+"""``promote``: move ``@champion`` to ``@challenger`` on evidence.
 
-``tune`` registers every new ensemble as ``@challenger``. ``promote`` scores ``@challenger`` and
+``tune`` registers every new ensemble as ``@challenger`` (``register``). ``promote`` scores ``@challenger`` and
 ``@champion`` on the same labelled images, through the same ``predict`` the server runs, and moves
 ``@champion`` only when the challenger wins. A promotion never deletes anything: the previous
 champion stays a version (tagged ``superseded_by``), so rolling back is one
@@ -9,23 +9,16 @@ champion stays a version (tagged ``superseded_by``), so rolling back is one
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 
-from . import metrics as M
-from . import tracking
-from .ensemble import pip_requirements, signature, write_spec
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-CHALLENGER = "challenger"
-CHAMPION = "champion"
+from .. import metric_names as M
+from .. import tracking
+from .register import CHALLENGER, CHAMPION
 
 PROMOTED = "promoted"  # @champion moved to the challenger
 KEPT = "kept"  # the champion stays
@@ -35,64 +28,6 @@ RULE = "promote when challenger - champion accuracy > 0 and >= min_gain (a tie k
 
 class PromotionError(RuntimeError):
     """The registry is not in a state promotion can work with (no model, no challenger)."""
-
-
-def example_input(images) -> pd.DataFrame:
-    """A one-row input example: a real image of the dataset, PNG-encoded."""
-    from torchvision.io import encode_png
-
-    return pd.DataFrame({"image": [bytes(encode_png(images[0]).numpy().tobytes())]})
-
-
-def log_ensemble_model(run_id: str, member_a: str | Path, member_b: str | Path, spec: str | Path,
-                       classes: list[str], example: pd.DataFrame, model_name: str) -> str:
-    """Log the pyfunc ensemble (two checkpoints + ``ensemble.json``) into ``run_id`` and register it
-    as a new version of ``model_name``; returns the version."""
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="ensemble",
-            python_model=str(PACKAGE_DIR / "ensemble_model.py"),  # models-from-code: nothing is pickled
-            artifacts={"member_a": str(member_a), "member_b": str(member_b), "ensemble": str(spec)},
-            code_paths=[str(PACKAGE_DIR)],
-            signature=signature(len(classes)),
-            input_example=example,
-            pip_requirements=pip_requirements(),
-            # Defaults a caller may override at load time: load_model(uri, model_config={...}).
-            model_config={"device": "cpu", "precision": "auto", "batch_size": 256},
-            registered_model_name=model_name,
-        )
-    return str(info.registered_model_version)
-
-
-def register_ensemble(session, run_id: str, result: dict[str, Any], model_name: str) -> str:
-    a, b = result["member_a"], result["member_b"]
-    classes = list(session.data.classes)
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = write_spec(Path(tmp) / "ensemble.json", result["weight"], result["method"], classes, [
-            {"arch": a.arch, "trial": a.trial, "run_id": a.run_id},
-            {"arch": b.arch, "trial": b.trial, "run_id": b.run_id}])
-        version = log_ensemble_model(run_id, a.checkpoint, b.checkpoint, spec, classes,
-                                     example_input(session.data.validation.images), model_name)
-    client = session.client
-    tags = {
-        "member_a_run_id": a.run_id, "member_b_run_id": b.run_id,
-        "member_a": f"{a.arch}#{a.trial}", "member_b": f"{b.arch}#{b.trial}",
-        "weight": f"{result['weight']:.6f}", "method": result["method"],
-        "ensemble_val_accuracy": f"{result['val_accuracy']:.6f}",
-        "ensemble_holdout_accuracy": f"{result['holdout_accuracy']:.6f}",
-        "member_a_val_accuracy": f"{result['member_a_accuracy']:.6f}",
-        "member_b_val_accuracy": f"{result['member_b_accuracy']:.6f}",
-        "dataset_digest": session.data.digest, "ensemble_run_id": run_id,
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
-    tracking.set_tags(client, run_id, {"registered_model": model_name, "registered_version": version})
-    return version
-
-
-# ---------------------------------------------------------------------------------------------
-# Promotion
 
 
 @dataclass(frozen=True)
@@ -187,8 +122,8 @@ def current_aliases(client, model_name: str) -> tuple[str, str | None]:
 def scoring_split(root: str | Path, split: str | None):
     """(split index, class names): the labelled split both versions are scored on, ``split`` if
     named, else the test split when it has labels, else validation."""
-    from .data.layout import DataError, index_dataset
-    from .submission import select_split
+    from ..data.layout import DataError, index_dataset
+    from .inference import select_split
 
     index = index_dataset(root)
     if split is None:
@@ -205,7 +140,7 @@ def score_version(model_name: str, version: str, blobs: list[bytes], labels: np.
                   batch_size: int = 256, device: str | None = None, progress: bool = False) -> Score:
     from sklearn.metrics import f1_score
 
-    from .submission import load_model, predict_images
+    from .inference import load_model, predict_images
 
     model = load_model(f"models:/{model_name}/{version}", device)
     predicted = predict_images(model, blobs, batch_size, progress, desc=f"score v{version}")["label"].to_numpy()
@@ -239,9 +174,9 @@ def promote(data_cfg, model_name: str = "deepfake-ensemble", split: str | None =
     outcome; on promotion the alias and the tags ``promoted_at``, ``previous_champion`` and
     ``promotion_score`` on the new champion, ``superseded_by`` on the old one.
     """
-    from .data.cache import files_digest
-    from .data.dataset import ensure_default_data
-    from .submission import read_images
+    from ..data.cache import files_digest
+    from ..data.dataset import ensure_default_data
+    from .inference import read_images
 
     if min_gain < 0:
         raise ValueError(f"--min-gain must be >= 0, got {min_gain}; use --force to promote a challenger that "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlflow
 
-from .tracking import redact
+from ..tracking import redact
 
 
 def _pct(value) -> str:
@@ -21,13 +21,12 @@ def print_summary(summary) -> None:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     e = summary.ensemble
-    if e:
-        a, b = e["member_a"], e["member_b"]
-        print(f"\nensemble  {a.arch}#{a.trial} x {e['weight']:.2f} + {b.arch}#{b.trial} x {1 - e['weight']:.2f} "
-              f"({e['method']} vote)")
-        print(f"          validation accuracy {_pct(e['val_accuracy'])} in-sample, "
-              f"{_pct(e['holdout_accuracy'])} cross-fitted (honest); members {_pct(e['member_a_accuracy'])} "
-              f"and {_pct(e['member_b_accuracy'])}")
-        print(f"          registered as version {e['version']} (alias @challenger)")
+    if e is not None:
+        a, b = e.member_a, e.member_b
+        print(f"\nensemble  {a.label} x {e.weight:.2f} + {b.label} x {1 - e.weight:.2f} ({e.method} vote)")
+        print(f"          validation accuracy {_pct(e.val_accuracy)} in-sample, "
+              f"{_pct(e.holdout_accuracy)} cross-fitted (honest); members {_pct(e.member_a_accuracy)} "
+              f"and {_pct(e.member_b_accuracy)}")
+        print(f"          registered as version {summary.model_version} (alias @challenger)")
     print(f"\nparent run {summary.parent_run_id}; {summary.seconds:.0f}s")
     print(f"open the UI:  mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}")

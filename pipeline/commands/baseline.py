@@ -17,11 +17,11 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from torchvision.transforms.v2 import functional as F
 
-from . import metrics as M
-from . import tracking
-from .config import Preset, flat_params
-from .data import load_dataset
-from .train_run import TrainOutcome
+from .. import metric_names as M
+from .. import tracking
+from ..config import Preset, flat_params
+from ..data import load_dataset
+from .train import TrainOutcome
 
 
 def flatten(images: torch.Tensor, pixels: int | None) -> np.ndarray:

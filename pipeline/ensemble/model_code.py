@@ -2,6 +2,6 @@
 
 import mlflow
 
-from pipeline.ensemble import EnsembleModel
+from pipeline.ensemble.pyfunc import EnsembleModel
 
 mlflow.models.set_model(EnsembleModel())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from . import tracking
-from .config import Preset, flat_params, override
-from .data import load_dataset
-from .models import build_model
-from .train import fit, resolve_device, seed_everything
+from .. import tracking
+from ..config import Preset, flat_params, override
+from ..data import load_dataset
+from ..models import model_kwargs
+from ..train import build_and_fit, resolve_device
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,7 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
     tracking.check_tracking(client)
     data = load_dataset(preset.data)
     preset = replace(preset, model=override(preset.model, num_classes=data.num_classes))
-    seed_everything(preset.train.seed)  # weight init is part of the seeded run
-    model = build_model(preset.model)
+    model_kwargs(preset.model)  # a bad model setting is an error before any run exists
     device = resolve_device(preset.train.device)
     run_id, _ = tracking.open_run(client, experiment, run_name or f"train-{preset.model.arch}",
                                   tags={**tracking.standard_tags(str(device)), "kind": "train",
@@ -32,8 +31,8 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
     with tracking.run_guard(client, run_id):
         tracking.log_params(client, run_id, {**flat_params(preset), "preset": preset.name})
         tracking.log_dataset(client, run_id, data)
-        result = fit(model, data, preset.data, preset.train, report=tracking.EpochLogger(client, run_id),
-                     progress=progress)
+        result = build_and_fit(preset.model, data, preset.data, preset.train,
+                               report=tracking.EpochLogger(client, run_id), progress=progress)
         summary = tracking.log_training_outputs(client, run_id, result, data, preset.model, preset.data,
                                                 preset.train)
         tracking.set_tags(client, run_id, {"precision": result.precision, "stop_reason": result.stop_reason})

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DataConfig, ModelConfig, TrainConfig, data_from_dict, model_from_dict, to_dict
-from .models import build_model
+from ..config import DataConfig, ModelConfig, TrainConfig, data_from_dict, model_from_dict, to_dict
+from ..models import build_model
 
 FORMAT = "deepfake-tune/checkpoint/1"
 

@@ -1,0 +1,152 @@
+"""One frozen dataclass per concern, loaded from ``experiments/*.yaml``.
+
+Every field is declared once with its help text and choices (``setting``); CLI flags and ``MLproject``
+parameters derive from these declarations. Every run and every checkpoint stores the resolved values
+as plain dicts (``asdict``), so a result can always be traced back to the settings that produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ensemble.rules import RULES  # a leaf table (numpy only): the voting rules config validates against
+from .fields import ConfigError, check, setting, validate_choices
+from .space import SearchSpace, default_space
+
+DEFAULT_DATA = "data/synthetic"
+NUM_CLASSES = 5
+NORMALIZATIONS = ("imagenet", "half")
+AUGMENT_POLICIES = ("none", "geometric", "color")  # implemented in data/augment.py (a test ties the two)
+SYNTH_PRESETS = ("tiny", "demo", "full")  # implemented in data/synth.py
+PRUNERS = ("median", "hyperband", "none", "always")  # implemented in tune/pruners.py; always: tests only
+ENSEMBLE_METHODS = (*RULES, "best")  # best: every rule is searched, the selection winner kept
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = setting(DEFAULT_DATA, "dataset root: competition layout (train.csv, validation.csv, test.csv) or "
+                                      f"ImageFolder; {DEFAULT_DATA} is generated on first use")
+    image_size: int | None = setting(None, "resize images to this square size (default: their native size)")
+    normalize: str = setting("imagenet", "input normalisation", choices=NORMALIZATIONS)
+    augment: str = setting("geometric", "training augmentation policy (geometric: reference 1's, color: "
+                                        "reference 2's)", choices=AUGMENT_POLICIES)
+    cutmix_alpha: float = setting(0.0, "CutMix with Beta(alpha, alpha) when > 0 (0 = off)")
+    mixup_alpha: float = setting(0.0, "MixUp with Beta(alpha, alpha) when > 0 (0 = off)")
+    cache_dir: str | None = setting(None, "decode cache folder (default $DEEPFAKE_TUNE_CACHE or "
+                                          "~/.cache/deepfake-tune)")
+    synth_preset: str = setting("demo", "synthetic preset generated when the default dataset root is missing",
+                                choices=SYNTH_PRESETS)
+    synth_seed: int = setting(0, "seed of the synthetic dataset generated when the default root is missing")
+
+    def __post_init__(self) -> None:
+        validate_choices(self, "data")
+        check(self.image_size is None or self.image_size >= 8, "data.image_size", ">= 8", self.image_size)
+        check(self.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0", self.cutmix_alpha)
+        check(self.mixup_alpha >= 0, "data.mixup_alpha", ">= 0", self.mixup_alpha)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = setting("cnn_v1", "network architecture (models.MODELS)")
+    dropout_features: float | None = setting(None, "feature (conv) dropout (default: the architecture's own)")
+    dropout_fc: float | None = setting(None, "classifier dropout (default: the architecture's own)")
+    convs_per_block: int = setting(2, "3x3 convolutions per conv block (cnn_v1, cnn_v2)")
+    batch_norm: bool = setting(True, "vgg16 only: the BatchNorm variant (true/false)")
+    weights: str | None = setting(None, "vgg16 only: a local torchvision state_dict file (nothing is downloaded)")
+    num_classes: int = setting(NUM_CLASSES, "classes of the dataset (set from the data)", cli=False)
+
+    def __post_init__(self) -> None:
+        for name in ("dropout_features", "dropout_fc"):
+            value = getattr(self, name)
+            check(value is None or 0.0 <= value < 1.0, f"model.{name}", "in [0, 1)", value)
+        check(self.convs_per_block >= 1, "model.convs_per_block", ">= 1", self.convs_per_block)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = setting(30, "maximum epochs (per trial for tune)")
+    batch_size: int = setting(64, "training batch size")
+    lr: float = setting(1e-3, "learning rate")
+    weight_decay: float = setting(1e-4, "weight decay")
+    optimizer: str = setting("adam", "optimiser", choices=("adam", "adamw"))
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss")
+    class_weights: str = setting("none", "loss class weights: none, balanced or 5 numbers such as 1.9,1,1,1,1.7")
+    lr_patience: int = setting(5, "epochs without a better validation accuracy before the learning rate drops")
+    lr_factor: float = setting(0.5, "factor the learning rate is multiplied by when it drops")
+    early_stop_patience: int = setting(15, "epochs without a better validation accuracy before training stops")
+    precision: str = setting("auto", "auto: bf16 autocast where the hardware has it, else fp32",
+                             choices=("auto", "fp32", "bf16"))
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = setting(0, "seed of weight init, shuffling and augmentation (per trial: seed + trial number)")
+    eval_batch_size: int = setting(256, "evaluation batch size")
+
+    def __post_init__(self) -> None:
+        validate_choices(self, "train")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        check(self.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", self.eval_batch_size)
+        check(self.lr > 0, "train.lr", "> 0", self.lr)
+        check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "in [0, 1)", self.label_smoothing)
+        parse_class_weights(self.class_weights)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    members: tuple[str, ...] = setting(("cnn_v1", "cnn_v2"), "member architectures, comma-separated")
+    trials: int = setting(10, "finished (complete + pruned) trials per member study")
+    pruner: str = setting("median", "pruner of the member studies", choices=PRUNERS)
+    pruner_warmup_epochs: int = setting(2, "epochs before a trial may be pruned")
+    sampler_seed: int = setting(0, "seed of the TPE samplers")
+    top_k: int = setting(3, "best trials per member that enter the ensemble search")
+    ensemble_method: str = setting("soft", "ensemble voting rule (best: search them all)", choices=ENSEMBLE_METHODS)
+    ensemble_trials: int = setting(60, "trials of the ensemble's pair/weight/rule search")
+    heartbeat_seconds: int = setting(30, "Optuna heartbeat: a lost worker's trial is retried after twice this")
+    name: str | None = setting(None, "study name; member studies are <name>.<arch> (default: the preset's name)")
+    storage: str | None = setting(None, "Optuna storage URL (default: sqlite optuna.db beside mlflow.db)")
+    model_name: str = setting("deepfake-ensemble", "registered model name")
+    n_jobs: int = setting(1, "trials in parallel in this process (threads; several trials on one GPU)")
+    space: SearchSpace = setting(help="what the member studies sample: dotted setting -> range or list",
+                                 cli=False, default_factory=default_space)
+
+    def __post_init__(self) -> None:
+        validate_choices(self, "study")
+        check(self.trials >= 1, "study.trials", ">= 1", self.trials)
+        check(self.top_k >= 1, "study.top_k", ">= 1", self.top_k)
+        check(self.n_jobs >= 1, "study.n_jobs", ">= 1", self.n_jobs)
+        if not self.members:
+            raise ConfigError("study.members must name at least one architecture")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = setting("deepfake", "MLflow experiment")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str = "default"
+    data: DataConfig = setting(cli=False, default_factory=DataConfig)
+    model: ModelConfig = setting(cli=False, default_factory=ModelConfig)
+    train: TrainConfig = setting(cli=False, default_factory=TrainConfig)
+    study: StudyConfig = setting(cli=False, default_factory=StudyConfig)
+    tracking: TrackingConfig = setting(cli=False, default_factory=TrackingConfig)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "study": StudyConfig,
+                             "tracking": TrackingConfig}
+
+
+def parse_class_weights(spec: str) -> tuple[float, ...] | str:
+    """``none`` / ``balanced`` stay words; anything else must be NUM_CLASSES positive numbers."""
+    if spec in ("none", "balanced"):
+        return spec
+    try:
+        weights = tuple(float(part) for part in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"train.class_weights must be none, balanced or {NUM_CLASSES} comma-separated numbers; "
+                          f"got {spec!r}") from None
+    if len(weights) != NUM_CLASSES or any(w <= 0 for w in weights):
+        raise ConfigError(f"train.class_weights needs {NUM_CLASSES} positive numbers, got {spec!r}")
+    return weights

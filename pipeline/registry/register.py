@@ -1,0 +1,74 @@
+"""Register the chosen pair as one pyfunc model (models-from-code: the package plus two checkpoints
+and ``ensemble.json``, nothing pickled), tag the version and give it ``@challenger``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+
+from .. import tracking
+from ..ensemble.pyfunc import pip_requirements, signature, write_spec
+from ..ensemble.stage import EnsembleResult
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+MODEL_CODE = PACKAGE_DIR / "ensemble" / "model_code.py"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+
+
+def example_input(images) -> pd.DataFrame:
+    """A one-row input example: a real image of the dataset, PNG-encoded."""
+    from torchvision.io import encode_png
+
+    return pd.DataFrame({"image": [bytes(encode_png(images[0]).numpy().tobytes())]})
+
+
+def log_ensemble_model(run_id: str, member_a: str | Path, member_b: str | Path, spec: str | Path,
+                       classes: list[str], example: pd.DataFrame, model_name: str) -> str:
+    """Log the pyfunc ensemble (two checkpoints + ``ensemble.json``) into ``run_id`` and register it
+    as a new version of ``model_name``; returns the version."""
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="ensemble",
+            python_model=str(MODEL_CODE),  # models-from-code: nothing is pickled
+            artifacts={"member_a": str(member_a), "member_b": str(member_b), "ensemble": str(spec)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(len(classes)),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            # Defaults a caller may override at load time: load_model(uri, model_config={...}).
+            model_config={"device": "cpu", "precision": "auto", "batch_size": 256},
+            registered_model_name=model_name,
+        )
+    return str(info.registered_model_version)
+
+
+def register_ensemble(client, result: EnsembleResult, classes: tuple[str, ...], example_images: torch.Tensor,
+                      dataset_digest: str, model_name: str) -> str:
+    """The ensemble as a new version of ``model_name``, logged into the ensemble run, tagged with its
+    members, weight, rule, accuracies and dataset digest, and given ``@challenger``."""
+    a, b, run_id = result.member_a, result.member_b, result.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = write_spec(Path(tmp) / "ensemble.json", result.weight, result.method, list(classes), [
+            {"arch": a.arch, "trial": a.trial, "run_id": a.run_id},
+            {"arch": b.arch, "trial": b.trial, "run_id": b.run_id}])
+        version = log_ensemble_model(run_id, a.checkpoint, b.checkpoint, spec, list(classes),
+                                     example_input(example_images), model_name)
+    tags = {
+        "member_a_run_id": a.run_id, "member_b_run_id": b.run_id, "member_a": a.label, "member_b": b.label,
+        "weight": f"{result.weight:.6f}", "method": result.method,
+        "ensemble_val_accuracy": f"{result.val_accuracy:.6f}",
+        "ensemble_holdout_accuracy": f"{result.holdout_accuracy:.6f}",
+        "member_a_val_accuracy": f"{result.member_a_accuracy:.6f}",
+        "member_b_val_accuracy": f"{result.member_b_accuracy:.6f}",
+        "dataset_digest": dataset_digest, "ensemble_run_id": run_id,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    tracking.set_tags(client, run_id, {"registered_model": model_name, "registered_version": version})
+    return version

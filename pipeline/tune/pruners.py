@@ -1,0 +1,46 @@
+"""Pruners by name, and the listener that feeds one: the only pruning code ``tune`` and ``bench`` run."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import metric_names as M
+
+
+class AlwaysPruner(optuna.pruners.BasePruner):
+    """Prunes every trial at its first report once the study has a complete trial (tests use it to
+    force a pruned trial while keeping one complete trial per member for the ensemble)."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+# name -> factory(warm-up epochs, max epochs); config.PRUNERS lists the same names.
+PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
+    "median": lambda warmup, max_epochs: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup),
+    "hyperband": lambda warmup, max_epochs: optuna.pruners.HyperbandPruner(min_resource=max(1, warmup),
+                                                                           max_resource=max_epochs),
+    "none": lambda warmup, max_epochs: optuna.pruners.NopPruner(),
+    "always": lambda warmup, max_epochs: AlwaysPruner(),
+}
+
+
+def make_pruner(name: str, warmup: int, max_epochs: int) -> optuna.pruners.BasePruner:
+    return PRUNERS[name](warmup, max_epochs)
+
+
+class PruningReporter:
+    """``fit``'s report listener for a trial: report the objective, raise ``TrialPruned`` when told."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+        self.last_epoch = 0
+
+    def __call__(self, epoch: int, values: dict[str, float]) -> None:
+        self.last_epoch = epoch
+        self.trial.report(values[M.OBJECTIVE], epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")

@@ -1,0 +1,160 @@
+"""``tune``: member studies, then the ensemble stage, then registration, as one session.
+
+Each member study is an Optuna study whose trials are nested MLflow runs under the session's parent
+run; once every member study holds its budget (in this worker or others), exactly one worker builds
+the ensemble from the top trials' stored probabilities and registers it as ``@challenger``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import metric_names as M
+from .. import tracking
+from ..config import Preset
+from ..ensemble.stage import EnsembleResult, build_ensemble, enough_candidates
+from ..registry.register import register_ensemble
+from .candidates import candidate_fingerprint, load_candidates
+from .session import RUN_ATTR, Session, open_session
+from .storage import storage_lock
+from .summary import print_summary
+from .trial import quietly
+from .workers import budget_state, close_lost_runs, run_members, settle
+
+# We drive trials with ask/tell plus our own heartbeat thread (for exact budgets across workers);
+# Optuna warns that heartbeats are meant for Study.optimize, which we knowingly replace.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass
+class TuneSummary:
+    parent_run_id: str
+    members: dict[str, dict[str, Any]]
+    ensemble: EnsembleResult | None
+    model_version: str | None
+    seconds: float
+
+
+def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | None = None,
+               storage: str | None = None, model_name: str | None = None, n_jobs: int | None = None,
+               progress: bool = True, setup_only: bool = False) -> TuneSummary | None:
+    start = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    model_name = model_name or preset.study.model_name
+    n_jobs = n_jobs or preset.study.n_jobs
+    session = open_session(preset, experiment, study_name, storage)
+    print(f"tuning session {session.study_name}: parent run {session.parent_run_id}, "
+          f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
+    if setup_only:
+        return None
+    try:
+        run_members(session, n_jobs, progress)
+        while settle(session):  # a lost worker's trial was re-queued meanwhile: run it here
+            run_members(session, n_jobs, progress)
+        for arch in preset.study.members:
+            close_lost_runs(session, arch)
+        members = {arch: member_summary(session, arch) for arch in preset.study.members}
+        with storage_lock(session.storage_url, f"ensemble:{session.study_name}"):
+            log_study_figures(session)
+            ensemble, version = ensemble_once(session, model_name)
+        tracking.log_metrics(session.client, session.parent_run_id, {
+            f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
+            if m["best_val_accuracy"] is not None})
+        tracking.end_run(session.client, session.parent_run_id, "FINISHED")
+    except KeyboardInterrupt as exc:
+        close_parent(session, "KILLED", {"stopped_by": f"interrupt ({exc or 'SIGINT'})"})
+        raise
+    except BaseException as exc:
+        close_parent(session, "FAILED", {"error": session.scrub(f"{type(exc).__name__}: {exc}")[:5000]})
+        raise
+    summary = TuneSummary(session.parent_run_id, members, ensemble, version, time.perf_counter() - start)
+    print_summary(summary)
+    return summary
+
+
+def close_parent(session: Session, status: str, tags: dict[str, str]) -> None:
+    """A worker that stops early closes the shared parent run only when no other worker still has
+    a trial running; otherwise the parent stays open for them (and the last one closes it)."""
+    try:
+        others, _ = budget_state(session)
+    except Exception:  # noqa: BLE001 - the storage itself may be what failed
+        others = 0
+    quietly(lambda: tracking.set_tags(session.client, session.parent_run_id, tags))
+    if not others:
+        quietly(lambda: tracking.end_run(session.client, session.parent_run_id, status))
+
+
+def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleResult | None, str | None]:
+    """Build and register the ensemble unless this exact set of candidate trials already was."""
+    fingerprint = candidate_fingerprint(session, model_name)
+    first = session.studies[session.preset.study.members[0]]
+    if first.user_attrs.get("ensemble_fingerprint") == fingerprint:
+        print(f"the ensemble of these trials is already registered as {model_name} version "
+              f"{first.user_attrs.get('ensemble_version')}; nothing new to register")
+        return None, None
+    data, client = session.data, session.client
+    with tempfile.TemporaryDirectory() as tmp:
+        candidates = load_candidates(session, Path(tmp))
+        if not enough_candidates(candidates, session.preset.study):
+            print("not enough finished trials for an ensemble: nothing registered")
+            return None, None
+        run_id = tracking.start_run(client, session.experiment_id, f"ensemble-{session.study_name}",
+                                    parent_run_id=session.parent_run_id,
+                                    tags={**tracking.standard_tags("cpu"), "kind": "ensemble",
+                                          "optuna.study": session.study_name})
+        with tracking.run_guard(client, run_id):
+            result = build_ensemble(candidates, data.validation.labels.numpy(), data.validation.ids, data.classes,
+                                    session.preset.study, client, run_id)
+            version = register_ensemble(client, result, data.classes, data.validation.images, data.digest,
+                                        model_name)
+    first.set_user_attr("ensemble_fingerprint", fingerprint)
+    first.set_user_attr("ensemble_version", version)
+    tracking.log_metrics(client, session.parent_run_id, {M.ENSEMBLE_VAL_ACCURACY: result.val_accuracy,
+                                                         M.ENSEMBLE_HONEST_ACCURACY: result.holdout_accuracy})
+    return result, version
+
+
+def member_summary(session: Session, arch: str) -> dict[str, Any]:
+    study = session.studies[arch]
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    return {
+        "study": study.study_name,
+        "complete": len(complete),
+        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "best_trial": best.number if best else None,
+        "best_val_accuracy": best.value if best else None,
+        "best_run_id": best.user_attrs.get(RUN_ATTR) if best else None,
+        "best_params": best.params if best else {},
+    }
+
+
+def log_study_figures(session: Session) -> None:
+    """Optuna's own figures (history, importances, intermediate values) into the parent run."""
+    from optuna import visualization as vis
+
+    for arch, study in session.studies.items():
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        figures = {"optimization_history": vis.plot_optimization_history,
+                   "intermediate_values": vis.plot_intermediate_values}
+        if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
+            figures["param_importances"] = vis.plot_param_importances
+        for name, plot in figures.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fig = plot(study)
+                session.client.log_figure(session.parent_run_id, fig, f"optuna/{arch}/{name}.html")
+            except Exception as exc:  # noqa: BLE001 - a figure must never fail the session
+                print(f"note: could not draw {name} for {arch}: {exc}")

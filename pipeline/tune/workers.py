@@ -1,0 +1,183 @@
+"""Workers: admit trials atomically against the budget, run member studies (in threads with
+``n_jobs``), close runs that lost workers left open, and wait for trials running elsewhere.
+
+There is no scheduler: each worker admits its next trial under the storage lock (count, then ask),
+so together any number of workers run exactly ``study.trials`` finished trials per member.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import tracking
+from .session import RUN_ATTR, Session, TuneError, sampler
+from .storage import heartbeat_enabled, storage_lock
+from .trial import run_trial, session_trial_configs
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def taken(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that count against the budget: finished (complete or pruned) and running ones."""
+    return sum(t.state in FINISHED or t.state == TrialState.RUNNING for t in trials)
+
+
+def admit_trial(session: Session, arch: str) -> optuna.Trial | None:
+    """Atomically: start the next trial if the budget allows, else None.
+
+    Under the storage lock: trials of lost workers (no heartbeat) are failed and re-queued with the
+    same parameters, finished and running trials are counted, and the next trial is asked (a
+    re-queued one first), given its first heartbeat and its parameters."""
+    study = session.studies[arch]
+    with storage_lock(session.storage_url, f"admit:{study.study_name}"):
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if taken(trials) >= session.preset.study.trials:
+            return None
+        study.sampler = sampler(session.preset, session.preset.study.members.index(arch), len(trials))
+        trial = study.ask()  # pops a waiting (re-queued or enqueued) trial first
+        if heartbeat_enabled(session.storage):
+            # A worker killed before its heartbeat thread starts is detected too.
+            session.storage.record_heartbeat(trial._trial_id)
+        session_trial_configs(session, arch, trial)
+        return trial
+
+
+def close_lost_runs(session: Session, arch: str) -> int:
+    """Runs left RUNNING by a worker that died: a FAIL trial's run is closed as FAILED with why
+    (and the retry's number); a trial that finished just before its worker died gets the status its
+    worker would have set. Each trial is looked at once per process."""
+    closed = 0
+    trials = session.studies[arch].get_trials(deepcopy=False)
+    grace = 2 * (session.preset.study.heartbeat_seconds or 0)
+    settled = datetime.now() - timedelta(seconds=max(60, grace))  # a live worker closes its run within ms
+    for t in trials:
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if t.state not in (TrialState.FAIL, *FINISHED) or not run_id or t._trial_id in session.checked:
+            continue
+        if t.state in FINISHED and (t.datetime_complete is None or t.datetime_complete > settled):
+            continue  # its worker may be closing the run right now
+        try:
+            if session.client.get_run(run_id).info.status != "RUNNING":
+                session.checked.add(t._trial_id)
+                continue
+            if t.state == TrialState.FAIL:
+                retries = [r.number for r in trials
+                           if t.number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(r)]
+                recorded = t.user_attrs.get("error")
+                why = recorded or (f"worker lost: no heartbeat for more than {grace} s (killed, preempted or "
+                                   "disconnected); " + (f"retried as trial {retries[0]} with the same parameters"
+                                                        if retries else "not retried (retry limit reached)"))
+                tracking.set_tags(session.client, run_id, {"optuna.state": "FAIL", "error": why,
+                                                           **({} if recorded else {"stopped_by": "heartbeat"})})
+                tracking.end_run(session.client, run_id, "FAILED")
+            else:
+                tracking.set_tags(session.client, run_id, {"optuna.state": t.state.name,
+                                                           "closed_by": "another worker: the trial's worker was lost "
+                                                                        "after reporting its result"})
+                tracking.end_run(session.client, run_id, "FINISHED" if t.state == TrialState.COMPLETE else "KILLED")
+            session.checked.add(t._trial_id)
+            closed += 1
+        except Exception:  # noqa: BLE001 - best effort; the next check tries again
+            pass
+    if closed:
+        print(f"closed {closed} run(s) of {session.member_study_name(arch)} left open by a lost worker")
+    return closed
+
+
+def run_member_study(session: Session, arch: str, progress: bool = False) -> dict[str, int]:
+    """Add trials until the study holds the budget of finished trials. Returns counts by state."""
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    max_failures = max(3, session.preset.study.trials)
+    while not session.stopping.is_set():
+        trial = admit_trial(session, arch)
+        close_lost_runs(session, arch)
+        if trial is None:
+            break
+        state = run_trial(session, arch, trial, progress)
+        counts[state.name] += 1
+        if counts["FAIL"] >= max_failures and counts["FAIL"] > counts["COMPLETE"] + counts["PRUNED"]:
+            raise TuneError(f"{session.member_study_name(arch)}: {counts['FAIL']} trials failed in this worker; "
+                            "stopping (see the failed runs' 'error' tag)")
+    return counts
+
+
+def run_members(session: Session, n_jobs: int = 1, progress: bool = False) -> int:
+    """Each member study in turn; ``n_jobs`` threads share the work (several trials on one GPU).
+    Returns the number of trials this worker ran."""
+    ran = 0
+    for arch in session.preset.study.members:
+        if n_jobs <= 1:
+            ran += sum(run_member_study(session, arch, progress).values())
+            continue
+        errors: list[BaseException] = []
+        done: list[int] = []
+        ended = [threading.Event() for _ in range(n_jobs)]
+
+        def work(end: threading.Event) -> None:
+            try:
+                done.append(sum(run_member_study(session, arch, False).values()))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(exc)
+            finally:
+                end.set()
+
+        for end in ended:
+            threading.Thread(target=work, args=(end,)).start()
+        _await_threads(session, ended)
+        if errors:
+            raise errors[0]
+        ran += sum(done)
+    return ran
+
+
+def _await_threads(session: Session, ended: list[threading.Event]) -> None:
+    """Wait for the trial threads by polling, not ``Thread.join``: a signal interrupting ``join``
+    can mark a running thread as stopped (CPython before 3.13), and the process would then exit
+    under a thread still closing its trial. Signals reach the main thread only, so on SIGINT/SIGTERM
+    the other threads are told to stop their trials too."""
+    try:
+        while not all(end.is_set() for end in ended):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        session.stopping.set()
+        while not all(end.is_set() for end in ended):
+            time.sleep(0.2)
+        raise
+
+
+def budget_state(session: Session) -> tuple[int, bool]:
+    """(trials running anywhere, whether some member study still has budget left), after failing
+    and re-queueing the trials of lost workers."""
+    running, open_budget = 0, False
+    for study in session.studies.values():
+        with storage_lock(session.storage_url, f"admit:{study.study_name}"):
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+        running += sum(t.state == TrialState.RUNNING for t in trials)
+        open_budget |= taken(trials) < session.preset.study.trials
+    return running, open_budget
+
+
+def settle(session: Session) -> bool:
+    """Wait until no trial of the session runs in another worker. True when work appeared meanwhile
+    (a lost worker's trial was re-queued): the caller runs the members again. Without heartbeats
+    (non-RDB storages) a lost trial cannot be told from a live one, so nothing is awaited."""
+    announced = False
+    while True:
+        running, open_budget = budget_state(session)
+        if open_budget:
+            return True
+        if not running or not heartbeat_enabled(session.storage):
+            return False
+        if not announced:
+            grace = 2 * session.preset.study.heartbeat_seconds
+            print(f"waiting for {running} trial(s) running in other workers (a lost worker's trial is "
+                  f"re-queued after {grace} s without heartbeat); the ensemble is built once all are done")
+            announced = True
+        time.sleep(session.preset.study.heartbeat_seconds)
