@@ -18,12 +18,26 @@ SUMMARY_METRICS = (BEST_VAL_ACCURACY, BEST_EPOCH, EPOCHS_RUN, TRAIN_SECONDS, IMA
 # The one number every study maximises and every pruner watches.
 OBJECTIVE = VAL_ACCURACY
 
-# Ensemble run
-ENSEMBLE_VAL_ACCURACY = "ensemble_val_accuracy"
-ENSEMBLE_HONEST_ACCURACY = "ensemble_holdout_accuracy"
-MEMBER_A_VAL_ACCURACY = "member_a_val_accuracy"
-MEMBER_B_VAL_ACCURACY = "member_b_val_accuracy"
+# Ensemble run. "selection": images every choice read (in-sample figures); "audit": images no choice
+# read (honest figures, with a 95 % interval). Trial runs' val_* metrics are on the selection split.
+SELECTION_ACCURACY = "selection_accuracy"
+SELECTION_NLL = "selection_nll"
+SELECTION_IMAGES = "selection_images"
+MEMBER_A_SELECTION_ACCURACY = "member_a_selection_accuracy"
+MEMBER_B_SELECTION_ACCURACY = "member_b_selection_accuracy"
 ENSEMBLE_WEIGHT = "ensemble_weight"
+TEMPERATURE_A = "temperature_a"
+TEMPERATURE_B = "temperature_b"
+AUDIT_ACCURACY = "audit_accuracy"
+AUDIT_MACRO_F1 = "audit_macro_f1"
+AUDIT_NLL = "audit_nll"
+AUDIT_ECE = "audit_ece"
+AUDIT_FIGURES = (AUDIT_ACCURACY, AUDIT_MACRO_F1, AUDIT_NLL, AUDIT_ECE)  # each also as <name>_low, <name>_high
+AUDIT_IMAGES = "audit_images"
+AUDIT_NLL_UNCALIBRATED = "audit_nll_uncalibrated"
+AUDIT_ECE_UNCALIBRATED = "audit_ece_uncalibrated"
+MEMBER_A_AUDIT_ACCURACY = "member_a_audit_accuracy"
+MEMBER_B_AUDIT_ACCURACY = "member_b_audit_accuracy"
 
 # Artifact paths inside a run
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
@@ -39,3 +53,6 @@ CHAMPION_ACCURACY = "champion_accuracy"
 CHAMPION_MACRO_F1 = "champion_macro_f1"
 ACCURACY_GAIN = "accuracy_gain"  # challenger - champion
 PROMOTED = "promoted"  # 1.0 when @champion moved
+ONLY_CHALLENGER_RIGHT = "only_challenger_right"  # discordant images, for the exact McNemar test
+ONLY_CHAMPION_RIGHT = "only_champion_right"
+MCNEMAR_P = "mcnemar_p"

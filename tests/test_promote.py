@@ -31,7 +31,8 @@ from mlflow.tracking import MlflowClient
 from pipeline import metric_names as M
 from pipeline.config import DataConfig
 from pipeline.data import DataError
-from pipeline.registry.promote import ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, Score, decide, promote
+from pipeline.registry.promote import ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, decide, promote
+from pipeline.registry.scoring import Score, Scored
 from pipeline.registry.register import log_ensemble_model
 
 NAME = "deepfake-ensemble"
@@ -95,6 +96,9 @@ def template(tuned, tmp_path_factory) -> Template:
         challenger = log_ensemble_model(run_id, rotate_classes(artifacts["member_a"], root / "a.pt"),
                                         rotate_classes(artifacts["member_b"], root / "b.pt"), artifacts["ensemble"],
                                         spec["classes"], example, NAME)
+        # Built on the same data and audited on the same images as the champion: comparable.
+        for key in ("dataset_digest", "audit_split"):
+            client.set_model_version_tag(NAME, challenger, key, client.get_model_version(NAME, champion).tags[key])
         client.set_registered_model_alias(NAME, "challenger", challenger)
         client.set_registered_model_alias(NAME, "champion", champion)
 
@@ -144,7 +148,8 @@ def test_first_tune_becomes_champion(tuned, tmp_path, monkeypatch):
 
     decision = promote(DataConfig(root=str(tuned.data)), NAME, experiment=EXPERIMENT)
     assert decision.outcome == PROMOTED and decision.reason == "no champion yet"
-    assert decision.split == "test"  # the synthetic test split is labelled, so it is the one scored
+    # The synthetic test split is labelled, so it is the audit split, and the one scored.
+    assert decision.scored_on.name == "audit (test)" and decision.scored_on.honest
     assert aliases(client) == {"challenger": version, "champion": version}
 
     # The score is the accuracy of the model's own predictions on the test files.
@@ -153,7 +158,7 @@ def test_first_tune_becomes_champion(tuned, tmp_path, monkeypatch):
     predicted = model.predict(pd.DataFrame({"image": [(tuned.data / "test" / f"{r['image_id']}.png").read_bytes()
                                                       for r in rows]}))["label"].to_numpy()
     accuracy = float(np.mean(predicted == np.array([int(r["label"]) for r in rows])))
-    assert decision.challenger.accuracy == pytest.approx(accuracy) and decision.challenger.images == 50
+    assert decision.challenger.score.accuracy == pytest.approx(accuracy) and decision.challenger.score.images == 50
 
     tags = client.get_model_version(NAME, version).tags
     assert tags["previous_champion"] == "none" and tags["promoted_at"].endswith("Z")
@@ -175,7 +180,7 @@ def test_first_tune_becomes_champion(tuned, tmp_path, monkeypatch):
 def test_worse_challenger_is_not_promoted(template, store):
     decision = promote(DataConfig(root=str(template.champion_wins)), NAME, experiment=EXPERIMENT)
     assert decision.outcome == KEPT and not decision.promoted
-    assert (decision.challenger.accuracy, decision.champion.accuracy) == (0.0, 1.0)
+    assert (decision.challenger.score.accuracy, decision.champion.score.accuracy) == (0.0, 1.0)
     assert aliases(store) == {"challenger": template.challenger, "champion": template.champion}
     run = decision_run(store, decision.run_id)
     assert run.data.metrics[M.PROMOTED] == 0.0 and run.data.metrics[M.ACCURACY_GAIN] == pytest.approx(-1.0)
@@ -195,6 +200,10 @@ def test_better_challenger_is_promoted_and_the_old_champion_kept(template, store
     assert old.tags["superseded_by"] == template.challenger  # still a version, ready for a rollback
     run = decision_run(store, decision.run_id)
     assert run.data.metrics[M.CHAMPION_ACCURACY] == 0.0 and run.data.metrics[M.CHALLENGER_ACCURACY] == 1.0
+    # The evidence: 50 images only the challenger gets right, none the other way, p = 2 / 2^50.
+    assert (run.data.metrics[M.ONLY_CHALLENGER_RIGHT], run.data.metrics[M.ONLY_CHAMPION_RIGHT]) == (50, 0)
+    assert run.data.metrics[M.MCNEMAR_P] == pytest.approx(2 / 2 ** 50)
+    assert run.data.metrics[f"{M.CHALLENGER_ACCURACY}_low"] > 0.9
     assert f"set_registered_model_alias('{NAME}', 'champion', '{template.champion}')" in decision.describe()
     # The documented rollback.
     store.set_registered_model_alias(NAME, "champion", template.champion)
@@ -222,15 +231,22 @@ def test_min_gain_and_force(template, store):
 
 
 def test_decision_rule_tie_keeps_the_champion():
-    def score(correct: int, version: str = "2") -> Score:
-        return Score(version, correct / 50, 0.0, correct, 50)
+    def scored(right: list[int], version: str) -> Scored:
+        correct = np.zeros(50, dtype=bool)
+        correct[right] = True
+        return Scored(Score(version, correct), 0.0)
 
-    assert decide(score(20), score(20, "1"), 0.0, False)[0] == KEPT  # a tie is no evidence
-    assert decide(score(21), score(20, "1"), 0.0, False)[0] == PROMOTED
-    assert decide(score(21), score(20, "1"), 0.02, False)[0] == PROMOTED  # exactly min_gain (1/50)
-    assert decide(score(21), score(20, "1"), 0.03, False)[0] == KEPT
-    assert decide(score(19), score(20, "1"), 0.0, True)[0] == PROMOTED
-    assert decide(score(0), None, 0.5, False) == (PROMOTED, "no champion yet")
+    champion = scored(list(range(20)), "1")
+    assert decide(scored(list(range(20)), "2"), champion, 0.0, 0.05, False)[0] == KEPT  # a tie is no evidence
+    # Same count, other images: a tie too, however the images fall.
+    assert decide(scored(list(range(10, 30)), "2"), champion, 0.0, 0.05, False)[0] == KEPT
+    clearly = scored(list(range(35)), "2")  # 15 more right, none fewer: 15 vs 0 discordant
+    assert decide(clearly, champion, 0.0, 0.05, False)[0] == PROMOTED
+    assert decide(clearly, champion, 0.3, 0.05, False)[0] == PROMOTED  # exactly min_gain (15/50)
+    assert decide(clearly, champion, 0.32, 0.05, False)[0] == KEPT
+    assert decide(clearly, champion, 0.0, 1e-6, False)[0] == KEPT  # p = 2^-14 is not below alpha 1e-6
+    assert decide(scored(list(range(19)), "2"), champion, 0.0, 0.05, True)[0] == PROMOTED  # forced
+    assert decide(scored([], "2"), None, 0.5, 0.05, False)[:2] == (PROMOTED, "no champion yet")
 
 
 def test_unlabelled_split_and_missing_challenger_are_clear_errors(tuned, template, store, tmp_path):

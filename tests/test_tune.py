@@ -99,64 +99,70 @@ def test_tune_logs_the_ensemble_run(tuned):
     assert len(ensembles) == 1
     run = ensembles[0]
     assert run.info.status == "FINISHED"
-    for key in ("member_a_run_id", "member_b_run_id", "weight", "method"):
+    for key in ("member_a_run_id", "member_b_run_id", "weight", "method", "tta_a", "tta_b", "temperature_a"):
         assert key in run.data.params
-    for key in (M.ENSEMBLE_VAL_ACCURACY, M.ENSEMBLE_HONEST_ACCURACY, M.MEMBER_A_VAL_ACCURACY,
-                M.MEMBER_B_VAL_ACCURACY):
-        assert 0.0 <= run.data.metrics[key] <= 1.0
-    # The chosen weight is at least as good in-sample as either member alone (w=0 and w=1 are candidates
-    # of the curve, and the search starts from w=0.5 for every pair).
+    metrics = run.data.metrics
+    # Weights 0 and 1 are candidates and a weight must not lose accuracy: never below the better member.
+    assert metrics[M.SELECTION_ACCURACY] >= max(metrics[M.MEMBER_A_SELECTION_ACCURACY],
+                                                metrics[M.MEMBER_B_SELECTION_ACCURACY])
+    # The synthetic test split is labelled, so it is the audit split: 50 images no choice read.
+    assert metrics[M.AUDIT_IMAGES] == 50 and run.data.tags["audit_source"] == "test"
+    for name in M.AUDIT_FIGURES:
+        assert metrics[f"{name}_low"] <= metrics[name] <= metrics[f"{name}_high"], name
+    assert metrics[f"{M.AUDIT_ACCURACY}_high"] - metrics[f"{M.AUDIT_ACCURACY}_low"] > 0.1  # 50 images: wide
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"weight_curve.png", "best_pairs.json", M.CONFUSION_PNG, M.REPORT_JSON} <= paths
+    assert {"weight_curve.png", "reliability_audit.png", "reliability_selection.png", "best_pairs.json",
+            M.CONFUSION_PNG, M.REPORT_JSON, "audit"} <= paths
     pairs = json.loads(Path(client.download_artifacts(run.info.run_id, "best_pairs.json",
                                                       str(tuned.workdir / "dl-pairs"))).read_text())
-    assert pairs and pairs[0]["accuracy"] >= pairs[-1]["accuracy"]
+    chosen = pairs[0]
+    assert chosen["weight"] == pytest.approx(float(run.data.params["weight"]))
+    assert chosen["selection_accuracy"] == pytest.approx(metrics[M.SELECTION_ACCURACY])
 
 
-def _png_bytes(path: Path) -> bytes:
-    return path.read_bytes()
-
-
-def test_registered_model_predicts_weighted_member_average(tuned, tmp_path, monkeypatch):
+def test_registered_model_serves_what_was_searched(tuned, tmp_path, monkeypatch):
+    """The registered model, fed the validation PNG bytes, returns the ensemble of the two members'
+    stored validation logits (temperatures, test-time flips, weight and rule from the version),
+    computed here with numpy alone."""
     import mlflow.pyfunc
 
-    from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.data import Normalizer
     from pipeline.data.layout import index_dataset
-    from pipeline.train import predict_probs
 
     tuned.use(monkeypatch)
     client = _client(tuned)
     version = client.get_model_version_by_alias("deepfake-ensemble", "challenger")
     tags = version.tags
-    for key in ("member_a_run_id", "member_b_run_id", "weight", "method", "ensemble_val_accuracy",
-                "member_a_val_accuracy", "dataset_digest"):
+    for key in ("member_a_run_id", "member_b_run_id", "weight", "method", "tta_a", "temperature_a",
+                M.SELECTION_ACCURACY, M.AUDIT_ACCURACY, f"{M.AUDIT_ACCURACY}_low", M.AUDIT_ECE, "dataset_digest",
+                "audit_split"):
         assert key in tags, key
-    model = mlflow.pyfunc.load_model("models:/deepfake-ensemble@challenger", model_config={"precision": "fp32"})
+    model = mlflow.pyfunc.load_model("models:/deepfake-ensemble@challenger")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
+
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    members = []
+    for side in ("a", "b"):
+        npz = np.load(client.download_artifacts(tags[f"member_{side}_run_id"], M.PREDICTIONS_ARTIFACT,
+                                                str(tmp_path / side)))
+        logp = log_softmax(npz["logits"])
+        if tags[f"tta_{side}"] == "hflip":
+            logp = np.log((np.exp(logp) + np.exp(log_softmax(npz["logits_flipped"]))) / 2)
+        members.append(np.exp(log_softmax(logp / float(tags[f"temperature_{side}"]))))
+        ids = list(npz["ids"])
+    w = float(tags["weight"])
+    assert tags["method"] == "soft"  # the tiny preset's rule
+    expected = w * members[0] + (1 - w) * members[1]
+
     index = index_dataset(tuned.data)
-    paths = list(index.splits["validation"].paths[:12])
-    frame = pd.DataFrame({"image": [_png_bytes(p) for p in paths]})
-    out = model.predict(frame)
+    paths = dict(zip(index.splits["validation"].ids, index.splits["validation"].paths))
+    out = model.predict(pd.DataFrame({"image": [paths[i].read_bytes() for i in ids]}))
     assert list(out.columns) == ["label", *[f"prob_{i}" for i in range(5)]]
     probs = out[[f"prob_{i}" for i in range(5)]].to_numpy()
-    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, expected, atol=2e-5)
     assert (out["label"].to_numpy() == probs.argmax(1)).all()
-
-    # The members' own outputs, from their checkpoints.
-    from torchvision.io import decode_image
-
-    images = torch.stack([decode_image(str(p)) for p in paths])
-    member_probs = []
-    for key in ("member_a_run_id", "member_b_run_id"):
-        ckpt_path = client.download_artifacts(tags[key], M.CHECKPOINT_ARTIFACT, str(tmp_path / key))
-        net, data_cfg = model_from_checkpoint(load_checkpoint(ckpt_path))
-        member_probs.append(predict_probs(net, images, Normalizer(data_cfg.normalize, torch.device("cpu")),
-                                          torch.device("cpu"), "fp32").numpy())
-    w = float(tags["weight"])
-    assert tags["method"] == "soft"  # the tiny preset's method
-    expected = w * member_probs[0] + (1 - w) * member_probs[1]
-    np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
 def test_second_tune_on_a_finished_study_adds_no_trials(tuned):

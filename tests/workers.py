@@ -32,12 +32,12 @@ def write_preset(path: Path, data: Path, members=("cnn_v1",), trials: int = 2, e
     """A preset for these tests: small networks, fixed batch size, no early stop, 1 s heartbeat."""
     preset = {
         "name": "reliability",
-        "data": {"root": str(data), "augment": "none", "normalize": "half"},
+        "data": {"root": str(data), "augment": "none", "normalize": "half", "audit_min_per_class": 1},
         "model": {"convs_per_block": 1},
         "train": {"epochs": epochs, "batch_size": 16, "precision": "fp32", "device": "cpu",
                   "eval_batch_size": 64, "early_stop_patience": 1000},
         "study": {"members": list(members), "trials": trials, "pruner": "none", "top_k": 2,
-                  "ensemble_method": "soft", "ensemble_trials": 4, "heartbeat_seconds": heartbeat,
+                  "ensemble_method": "soft", "heartbeat_seconds": heartbeat,
                   "space": {"train.lr": {"low": 1e-3, "high": 3e-3, "log": True}, "train.batch_size": [16],
                             "model.dropout_features": {"low": 0.1, "high": 0.3},
                             "model.dropout_fc": {"low": 0.2, "high": 0.4},

@@ -55,8 +55,10 @@ def save_ensemble(data: Dataset, data_cfg: DataConfig, base: TrainConfig, settin
         paths[key] = str(save_checkpoint(out_dir / f"{key}.pt", states[arch],
                                          ModelConfig(arch=arch, num_classes=data.num_classes), data_cfg, cfg,
                                          data.classes, settings.epochs, 0.0, data.image_shape[1:]))
+    precision = settings.precision
     spec = ens.write_spec(out_dir / "ensemble.json", 0.5, "soft", list(data.classes),
-                      [{"arch": arch_a, "trial": 0, "run_id": ""}, {"arch": arch_b, "trial": 0, "run_id": ""}])
+                          [{"arch": arch, "trial": 0, "run_id": "", "tta": "none", "temperature": 1.0,
+                            "precision": precision} for arch in (arch_a, arch_b)])
     model_dir = out_dir / "ensemble"
     mlflow_logger = logging.getLogger("mlflow")
     level = mlflow_logger.level
@@ -94,7 +96,6 @@ def bench_inference(data: Dataset, data_cfg: DataConfig, base: TrainConfig, sett
     import mlflow.pyfunc
     import pandas as pd
 
-
     if model_uri is None:
         if len(members) < 2:
             pair = tuple(dict.fromkeys(settings.archs + DEFAULT_ARCHS))[:2]
@@ -121,9 +122,10 @@ def bench_inference(data: Dataset, data_cfg: DataConfig, base: TrainConfig, sett
     for member in ensemble.members:
         batch = member.prepare(images).to(device)
         forward_s += _median_seconds(lambda: predict_probs(member.model, batch, member.normalizer, device,
-                                                           ensemble.precision, ensemble.batch_size),
+                                                           member.precision, ensemble.batch_size),
                                      settings.inference_reps, device)
-    return {"model_uri": model_uri, "images": n, "precision": ensemble.precision, "batch_size": ensemble.batch_size,
+    return {"model_uri": model_uri, "images": n, "precision": ensemble.members[0].precision,
+            "batch_size": ensemble.batch_size,
             "members": [m.arch for m in ensemble.members], "load_seconds": load_s,
             "pyfunc_images_per_second": n / predict_s, "members_raw_images_per_second": n / forward_s,
             "decode_images_per_second": n / decode_s, "pyfunc_seconds": predict_s, "raw_seconds": forward_s,

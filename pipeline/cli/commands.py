@@ -83,9 +83,15 @@ def _synth(preset: Preset, opts: SynthOptions, progress: bool) -> int:
 
 
 def _inspect(preset: Preset, opts: None, progress: bool) -> int:
-    from ..data import load_dataset, summarize
+    from ..data import DataError, load_dataset, summarize
+    from ..data.audit import partition
 
-    print(summarize(load_dataset(preset.data)))
+    data = load_dataset(preset.data)
+    print(summarize(data))
+    try:
+        print(partition(data, preset.data).info.describe())
+    except DataError as exc:  # the data is fine; only its audit split cannot be drawn with these settings
+        print(f"audit split: cannot be drawn: {exc}")
     return 0
 
 
@@ -118,7 +124,7 @@ def _promote(preset: Preset, opts: PromoteOptions, progress: bool) -> int:
     from ..registry.promote import promote
 
     decision = promote(preset.data, preset.study.model_name, split=opts.split, min_gain=opts.min_gain,
-                       dry_run=opts.dry_run, force=opts.force, experiment=preset.tracking.experiment,
+                       alpha=opts.alpha, dry_run=opts.dry_run, force=opts.force, experiment=preset.tracking.experiment,
                        device=preset.train.device, progress=progress)
     print(decision.describe())
     return 0
@@ -143,11 +149,13 @@ def _bench(preset: Preset, opts: BenchOptions, progress: bool) -> int:
 
 
 DATA_AT = ("data.root", "data.synth_preset", "data.synth_seed", "data.cache_dir")  # where the data is, or is made
+AUDIT = ("data.audit_fraction", "data.audit_min_per_class")
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("data synth", "write the embedded synthetic dataset", (), SynthOptions, _synth, common=False, progress=False,
             extras={"options.out": ("data",)}),
-    Command("data inspect", "validate a dataset and print a summary", (*DATA_AT, "data.image_size"), None, _inspect,
+    Command("data inspect", "validate a dataset and print a summary", (*DATA_AT, *AUDIT, "data.image_size"), None,
+            _inspect,
             names={"data.synth_preset": "preset", "data.synth_seed": "seed"}),
     Command("train", "train one architecture as one MLflow run",
             ("data.*", "model.*", "train.*", "tracking.*"), TrainOptions, _train),

@@ -47,8 +47,10 @@ class TuneOptions:
 
 @dataclass(frozen=True)
 class PromoteOptions:
-    split: str | None = setting(None, "labelled split to score on (default: test when labelled, else validation)")
+    split: str | None = setting(None, "labelled split to score on (default: the versions' audit split: the "
+                                      "labelled test split, or the part of validation no choice read)")
     min_gain: float = setting(0.0, "the challenger must win by at least this accuracy gain")
+    alpha: float = setting(0.05, "significance level of the exact McNemar test on the images the two disagree on")
     dry_run: bool = setting(False, "only report what would happen")
     force: bool = setting(False, "promote regardless of scores")
 

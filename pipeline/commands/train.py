@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
+from .. import metric_names as M
 from .. import tracking
 from ..config import Preset, flat_params, override
 from ..data import load_dataset
+from ..data.audit import partition
 from ..models import model_kwargs
 from ..train import build_and_fit, resolve_device
 
@@ -21,7 +25,8 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
                  progress: bool = True) -> TrainOutcome:
     client = tracking.client()
     tracking.check_tracking(client)
-    data = load_dataset(preset.data)
+    roles = partition(load_dataset(preset.data), preset.data)
+    data = roles.data  # validation is the selection split: best epoch and early stopping read only it
     preset = replace(preset, model=override(preset.model, num_classes=data.num_classes))
     model_kwargs(preset.model)  # a bad model setting is an error before any run exists
     device = resolve_device(preset.train.device)
@@ -35,5 +40,27 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
                                report=tracking.EpochLogger(client, run_id), progress=progress)
         summary = tracking.log_training_outputs(client, run_id, result, data, preset.model, preset.data,
                                                 preset.train)
-        tracking.set_tags(client, run_id, {"precision": result.precision, "stop_reason": result.stop_reason})
+        tracking.set_tags(client, run_id, {"precision": result.precision, "stop_reason": result.stop_reason,
+                                           "audit_split": roles.info.spec})
+        if roles.audit is not None:
+            summary |= audit_accuracy(result, preset, roles.audit, device)
+            tracking.log_metrics(client, run_id, summary, step=result.best_epoch)
     return TrainOutcome(run_id, summary)
+
+
+def audit_accuracy(result, preset: Preset, audit, device) -> dict[str, float]:
+    """The best epoch's accuracy on the audit images, which neither the epoch choice nor early stopping read."""
+    from ..data import Normalizer
+    from ..ensemble.scores import wilson
+    from ..models import build_model
+    from ..train import predict_probs
+
+    model = build_model(preset.model)
+    model.load_state_dict(result.best_state)
+    model = model.to(device, memory_format=torch.channels_last)
+    probs = predict_probs(model, audit.images, Normalizer(preset.data.normalize, device), device, result.precision,
+                          preset.train.eval_batch_size)
+    correct = int((probs.argmax(1) == audit.labels).sum())
+    low, high = wilson(correct, len(audit))
+    return {M.AUDIT_ACCURACY: correct / len(audit), f"{M.AUDIT_ACCURACY}_low": low,
+            f"{M.AUDIT_ACCURACY}_high": high, M.AUDIT_IMAGES: float(len(audit))}

@@ -37,12 +37,17 @@ class DataConfig:
     synth_preset: str = setting("demo", "synthetic preset generated when the default dataset root is missing",
                                 choices=SYNTH_PRESETS)
     synth_seed: int = setting(0, "seed of the synthetic dataset generated when the default root is missing")
+    audit_fraction: float = setting(0.3, "part of each validation class that no choice ever reads, for honest "
+                                         "figures (0 = off; a labelled test split is the audit split instead)")
+    audit_min_per_class: int = setting(20, "at least this many audit images per class")
 
     def __post_init__(self) -> None:
         validate_choices(self, "data")
         check(self.image_size is None or self.image_size >= 8, "data.image_size", ">= 8", self.image_size)
         check(self.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0", self.cutmix_alpha)
         check(self.mixup_alpha >= 0, "data.mixup_alpha", ">= 0", self.mixup_alpha)
+        check(0 <= self.audit_fraction < 1, "data.audit_fraction", "in [0, 1)", self.audit_fraction)
+        check(self.audit_min_per_class >= 1, "data.audit_min_per_class", ">= 1", self.audit_min_per_class)
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ class StudyConfig:
     sampler_seed: int = setting(0, "seed of the TPE samplers")
     top_k: int = setting(3, "best trials per member that enter the ensemble search")
     ensemble_method: str = setting("soft", "ensemble voting rule (best: search them all)", choices=ENSEMBLE_METHODS)
-    ensemble_trials: int = setting(60, "trials of the ensemble's pair/weight/rule search")
+    ensemble_weight_step: float = setting(0.05, "the ensemble weight is searched on a grid of this step, 0 and 1 "
+                                                "(one member alone) included")
     heartbeat_seconds: int = setting(30, "Optuna heartbeat: a lost worker's trial is retried after twice this")
     name: str | None = setting(None, "study name; member studies are <name>.<arch> (default: the preset's name)")
     storage: str | None = setting(None, "Optuna storage URL (default: sqlite optuna.db beside mlflow.db)")
@@ -115,6 +121,8 @@ class StudyConfig:
         check(self.trials >= 1, "study.trials", ">= 1", self.trials)
         check(self.top_k >= 1, "study.top_k", ">= 1", self.top_k)
         check(self.n_jobs >= 1, "study.n_jobs", ">= 1", self.n_jobs)
+        check(0 < self.ensemble_weight_step <= 0.5, "study.ensemble_weight_step", "in (0, 0.5]",
+              self.ensemble_weight_step)
         if not self.members:
             raise ConfigError("study.members must name at least one architecture")
 

@@ -1,8 +1,9 @@
-"""Decode every image once into a uint8 ``N x 3 x H x W`` array, cached on disk.
+"""Decode every image once into a uint8 ``N x 3 x H x W`` array, cached on disk, with a SHA-256 of
+each image's decoded pixels (its content, whatever its file name, path or PNG encoding).
 
-The cache key is a digest of the file list, sizes, mtimes and the resize target, so a changed
-dataset is never served stale. Cache files are written to a temporary name and renamed, so an
-interrupted or failed decode never leaves a partial cache behind.
+The cache key is a digest of the file list, sizes, mtimes and the resize target (one stat per file),
+so a changed dataset is never served stale. Cache files are written to a temporary name and renamed,
+so an interrupted or failed decode never leaves a partial cache behind.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .layout import DataError
 # repeat for every image. The decode calls are kept in this module and ensemble.py only.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: content hashes beside the pixels
 DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -49,6 +50,17 @@ def files_digest(paths: list[Path] | tuple[Path, ...], image_size: int | None) -
 
 def decode_one(path: Path, image_size: int | None) -> torch.Tensor:
     """One image as uint8 3xHxW RGB; grayscale and RGBA are converted, anything unreadable is a DataError."""
+    return decode_hashed(path, image_size)[0]
+
+
+def pixel_hash(image: torch.Tensor) -> bytes:
+    """SHA-256 of a uint8 image's shape and pixels: equal for equal content."""
+    array = np.ascontiguousarray(image.numpy())
+    return hashlib.sha256(str(array.shape).encode() + array.tobytes()).digest()
+
+
+def decode_hashed(path: Path, image_size: int | None) -> tuple[torch.Tensor, bytes]:
+    """``decode_one`` plus the content hash of the image at its native size (before any resize)."""
     try:
         data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
         image = decode_image(data, mode=ImageReadMode.RGB)
@@ -57,47 +69,57 @@ def decode_one(path: Path, image_size: int | None) -> torch.Tensor:
                         "corrupt, truncated or not an image") from None
     if image.dtype != torch.uint8:  # 16-bit PNGs decode as uint16: scale down, never wrap around
         image = F.to_dtype(image, torch.uint8, scale=True)
+    content = pixel_hash(image)
     if image_size is not None and tuple(image.shape[-2:]) != (image_size, image_size):
         image = F.resize(image, [image_size, image_size], antialias=True)
-    return image
+    return image, content
 
 
-def decode_all(paths: tuple[Path, ...], image_size: int | None) -> np.ndarray:
-    """Decode with a thread pool (torchvision's decoders release the GIL) into one array."""
-    first = decode_one(paths[0], image_size)
+def decode_all(paths: tuple[Path, ...], image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode with a thread pool (torchvision's decoders release the GIL) into one array; returns
+    (images, N x 32 uint8 content hashes)."""
+    first, first_hash = decode_hashed(paths[0], image_size)
     out = np.empty((len(paths), *first.shape), dtype=np.uint8)
-    out[0] = first.numpy()
+    hashes = np.empty((len(paths), 32), dtype=np.uint8)
+    out[0], hashes[0] = first.numpy(), np.frombuffer(first_hash, np.uint8)
 
     def work(i: int) -> None:
-        image = decode_one(paths[i], image_size)
+        image, content = decode_hashed(paths[i], image_size)
         if image.shape != first.shape:
             raise DataError(
                 f"{paths[i]}: image size {tuple(image.shape[1:])} differs from {tuple(first.shape[1:])} "
                 f"of {paths[0]}; set data.image_size (--image-size) to resize"
             )
-        out[i] = image.numpy()
+        out[i], hashes[i] = image.numpy(), np.frombuffer(content, np.uint8)
 
     with ThreadPoolExecutor(DECODE_WORKERS) as pool:
         # list() re-raises the first worker error here, in the caller.
         list(pool.map(work, range(1, len(paths))))
-    return out
+    return out, hashes
 
 
-def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path, tag: str) -> tuple[np.ndarray, Path, bool]:
-    """Return (images, cache file, hit). ``tag`` is a readable prefix (the split name)."""
+def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path,
+                tag: str) -> tuple[np.ndarray, np.ndarray, Path, bool]:
+    """Return (images, content hashes, cache file, hit). ``tag`` is a readable prefix (the split name)."""
     digest = files_digest(paths, image_size)
     cache_file = cache_dir / f"{tag}-{digest}.npy"
-    if cache_file.exists():
+    hash_file = cache_file.with_suffix(".sha256")  # N x 32 bytes, in file order
+    if cache_file.exists() and hash_file.exists():
         try:
-            return np.load(cache_file), cache_file, True
+            images = np.load(cache_file)
+            hashes = np.fromfile(hash_file, dtype=np.uint8).reshape(-1, 32)
+            if len(hashes) == len(images) == len(paths):
+                return images, hashes, cache_file, True
         except (ValueError, OSError, EOFError):
-            cache_file.unlink(missing_ok=True)  # unreadable cache: rebuild it
-    images = decode_all(paths, image_size)
+            pass
+        cache_file.unlink(missing_ok=True)  # unreadable cache: rebuild it
+    images, hashes = decode_all(paths, image_size)
+    _write_atomic(hash_file, hashes, raw=True)  # the hashes first: pixels without them are never a hit
     _write_atomic(cache_file, images)
-    return images, cache_file, False
+    return images, hashes, cache_file, False
 
 
-def _write_atomic(path: Path, array: np.ndarray) -> None:
+def _write_atomic(path: Path, array: np.ndarray, raw: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
@@ -105,7 +127,10 @@ def _write_atomic(path: Path, array: np.ndarray) -> None:
         return  # read-only cache location: run uncached rather than fail
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
+            if raw:
+                handle.write(array.tobytes())
+            else:
+                np.save(handle, array)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

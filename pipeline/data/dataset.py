@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import DEFAULT_DATA, DataConfig
@@ -22,9 +23,17 @@ class Split:
     ids: list[str]
     cache_file: Path | None = None
     cache_hit: bool = False
+    hashes: np.ndarray | None = None  # N x 32 uint8: SHA-256 of each image's decoded pixels
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, rows: np.ndarray, name: str | None = None) -> Split:
+        """The rows ``rows`` (in that order) as a split of their own."""
+        index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        return Split(name or self.name, self.images[index], None if self.labels is None else self.labels[index],
+                     [self.ids[i] for i in rows], self.cache_file, self.cache_hit,
+                     None if self.hashes is None else self.hashes[np.asarray(rows, dtype=np.int64)])
 
     def counts(self, num_classes: int) -> list[int]:
         if self.labels is None:
@@ -83,7 +92,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                 f"{index.splits[split.name].source}: {split.name} images are {tuple(split.images.shape[2:])}, "
                 f"train images {tuple(shape[1:])}; set data.image_size (--image-size) to resize"
             )
-    digest = hashlib.sha256("|".join(s.cache_file.stem if s.cache_file else "" for s in splits.values()).encode())
     return Dataset(
         root=index.root,
         layout=index.layout,
@@ -91,7 +99,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         train=splits["train"],
         validation=splits["validation"],
         test=splits.get("test"),
-        digest=digest.hexdigest()[:16],
+        digest=content_digest(index.classes, splits),
         load_seconds=time.perf_counter() - start,
         cache_dir=cache_dir,
         splits=splits,
@@ -100,9 +108,22 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 def _load_split(index: DatasetIndex, name: str, image_size: int | None, cache_dir: Path) -> Split:
     entry = index.splits[name]
-    array, cache_file, hit = load_images(entry.paths, image_size, cache_dir, name)
+    array, hashes, cache_file, hit = load_images(entry.paths, image_size, cache_dir, name)
     labels = torch.tensor(entry.labels, dtype=torch.int64) if entry.labels is not None else None
-    return Split(name, torch.from_numpy(array), labels, list(entry.ids), cache_file, hit)
+    return Split(name, torch.from_numpy(array), labels, list(entry.ids), cache_file, hit, hashes)
+
+
+def content_digest(classes: tuple[str, ...], splits: dict[str, Split]) -> str:
+    """What the data is, not where: the classes, and per split the sorted (pixel hash, label) rows.
+    Equal for the same images and labels at any path, under any file names, in any row order;
+    different for any changed pixel, label or split membership."""
+    h = hashlib.sha256(("classes=" + ",".join(classes)).encode())
+    for name in sorted(splits):
+        split = splits[name]
+        labels = split.labels.tolist() if split.labels is not None else [-1] * len(split)
+        rows = sorted(f"{row.tobytes().hex()}:{label}" for row, label in zip(split.hashes, labels))
+        h.update(f"|{name}:{len(rows)}|".encode() + "\n".join(rows).encode())
+    return h.hexdigest()[:16]
 
 
 def summarize(dataset: Dataset) -> str:

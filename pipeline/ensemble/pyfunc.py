@@ -19,6 +19,7 @@ from mlflow.types import ColSpec, Schema
 
 from ..config import NUM_CLASSES
 from .request import decode_request_image, invalid_input
+from .calibration import calibrated, variant_logprobs
 from .rules import combine
 
 
@@ -29,18 +30,25 @@ def signature(num_classes: int = NUM_CLASSES) -> ModelSignature:
 
 
 class Member:
-    """One network with the preprocessing it was trained with."""
+    """One network with what the ensemble chose for it: its preprocessing (from the checkpoint), the
+    precision its stored probabilities were computed in, a test-time variant and a temperature."""
 
-    def __init__(self, checkpoint_path: str, device: torch.device):
+    def __init__(self, checkpoint_path: str, device: torch.device, precision: str = "fp32", tta: str = "none",
+                 temperature: float = 1.0):
         from ..data import Normalizer
+        from ..train import bf16_supported
         from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(checkpoint_path)
         model, data_cfg = model_from_checkpoint(ckpt)
         self.model = model.to(device, memory_format=torch.channels_last).eval()
+        self.device = device
         self.input_size = tuple(ckpt["input_size"])
         self.normalizer = Normalizer(data_cfg.normalize, device)
         self.arch = ckpt["arch"]
+        # Served as searched: the precision the stored probabilities had, where this hardware has it.
+        self.precision = "bf16" if precision == "bf16" and bf16_supported(device) else "fp32"
+        self.tta, self.temperature = tta, float(temperature)
 
     def prepare(self, images: list[torch.Tensor]) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
@@ -50,34 +58,42 @@ class Member:
                    for img in images]
         return torch.stack(resized)
 
+    def logprobs(self, batch: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """Uncalibrated log-probabilities of uint8 images at the input size, under the test-time variant."""
+        from ..train import predict_logits
+
+        logits = predict_logits(self.model, batch, self.normalizer, self.device, self.precision, batch_size).numpy()
+        flipped = (predict_logits(self.model, batch, self.normalizer, self.device, self.precision, batch_size,
+                                  flip=True).numpy() if self.tta == "hflip" else None)
+        return variant_logprobs(logits, flipped, self.tta)
+
+    def probs(self, images: list[torch.Tensor], batch_size: int = 256) -> np.ndarray:
+        return calibrated(self.logprobs(self.prepare(images), batch_size), self.temperature)
+
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
     """Input: a DataFrame with a column ``image`` of encoded image bytes (PNG or JPEG).
-    Output: ``label`` and ``prob_0`` … ``prob_{C-1}``."""
+    Output: ``label`` and ``prob_0`` … ``prob_{C-1}``: calibrated ensemble probabilities."""
 
     def load_context(self, context) -> None:
-        from ..train import resolve_device, resolve_precision
+        from ..train import resolve_device
 
         spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
         config = dict(getattr(context, "model_config", None) or {})
         self.device = resolve_device(str(config.get("device", "cpu")))
-        self.precision = resolve_precision(str(config.get("precision", spec.get("precision", "auto"))), self.device)
         self.batch_size = int(config.get("batch_size", 256))
         self.weight = float(spec["weight"])
         self.method = spec["method"]
         self.classes = spec["classes"]
-        self.members = [Member(context.artifacts["member_a"], self.device),
-                        Member(context.artifacts["member_b"], self.device)]
+        self.members = []
+        for key, member in zip(("member_a", "member_b"), spec["members"]):
+            # model_config may override the recorded precision (e.g. "fp32" everywhere)
+            precision = str(config.get("precision") or member.get("precision") or spec.get("precision", "fp32"))
+            self.members.append(Member(context.artifacts[key], self.device, precision, member.get("tta", "none"),
+                                       member.get("temperature", 1.0)))
 
     def member_probs(self, images: list[torch.Tensor]) -> list[np.ndarray]:
-        from ..train import predict_probs
-
-        outs = []
-        for member in self.members:
-            batch = member.prepare(images)
-            outs.append(predict_probs(member.model, batch, member.normalizer, self.device, self.precision,
-                                      self.batch_size).numpy())
-        return outs
+        return [member.probs(images, self.batch_size) for member in self.members]
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
@@ -97,6 +113,8 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
 
 def write_spec(path: Path, weight: float, method: str, classes: list[str], members: list[dict]) -> Path:
+    """``ensemble.json``: the weight and rule, and per member its test-time variant, temperature and the
+    precision its stored probabilities were computed in (the served model uses them by default)."""
     path.write_text(json.dumps({"weight": weight, "method": method, "classes": classes, "members": members},
                                indent=2))
     return path
@@ -106,7 +124,8 @@ def pip_requirements() -> list[str]:
     import importlib.metadata as md
 
     pins = []
-    for name in ("torch", "torchvision", "mlflow", "pandas", "numpy", "pillow", "pyyaml", "scikit-learn", "tqdm"):
+    for name in ("torch", "torchvision", "mlflow", "pandas", "numpy", "scipy", "pillow", "pyyaml", "scikit-learn",
+                 "tqdm"):
         try:
             version = md.version(name).split("+")[0]
             pins.append(f"{name}=={version}")

@@ -1,30 +1,51 @@
-"""The pair, weight and voting-rule search on stored validation probabilities: no retraining.
+"""The ensemble search on the selection split's stored logits: no retraining.
 
-An Optuna study over (pair, weight, rule); pairs join two different member architectures (any two
-candidates when there is only one). Every pair and rule is first tried at equal weight, so none is
-left out by chance.
+Each candidate is first calibrated (a temperature per test-time variant, fitted on the selection
+split). An Optuna study then tries every (pair, test-time variant of each member, voting rule) once
+(grid sampler: the space is small and discrete); within a trial the weight of member A runs over a
+grid from 0 to 1, both ends included, so a single member is always a candidate. A weight is kept
+only if its selection accuracy is at least the better member's, and the lowest selection NLL wins:
+likelihood breaks the ties accuracy leaves, so no weight wins for being tried first.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import optuna
 
+from .calibration import VARIANTS, calibrated, fit_temperature, variant_logprobs
 from .rules import combine
+from .scores import accuracy, nll
 
 
 class EnsembleError(RuntimeError):
     """No ensemble can be formed from these candidates."""
 
 
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float((probs.argmax(1) == labels).mean())
+@dataclass(frozen=True)
+class View:
+    """One candidate under one test-time variant, calibrated on the selection split."""
+
+    candidate: int
+    variant: str
+    temperature: float
+    probs: np.ndarray  # calibrated selection probabilities
+    accuracy: float
 
 
-def weight_curve(p_a: np.ndarray, p_b: np.ndarray, labels: np.ndarray, rule: str,
-                 points: int = 101) -> tuple[np.ndarray, np.ndarray]:
-    weights = np.linspace(0.0, 1.0, points)
-    return weights, np.array([accuracy(combine(p_a, p_b, w, rule), labels) for w in weights])
+@dataclass(frozen=True)
+class Choice:
+    a: int
+    b: int
+    variant_a: str
+    variant_b: str
+    rule: str
+    weight: float  # member A's
+    nll: float  # on the selection split
+    accuracy: float  # on the selection split
+    floor: float  # the better member's plain selection accuracy, which the choice may not go below
 
 
 def candidate_pairs(archs: list[str]) -> list[tuple[int, int]]:
@@ -34,49 +55,69 @@ def candidate_pairs(archs: list[str]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(archs)) for j in range(i + 1, len(archs)) if one_arch or archs[i] != archs[j]]
 
 
-def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint, class-balanced halves of the validation indices."""
-    rng = np.random.default_rng(seed)
-    first, second = [], []
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        first.append(idx[: len(idx) // 2])
-        second.append(idx[len(idx) // 2:])
-    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
+def calibrate(logits: list[np.ndarray], flipped: list[np.ndarray | None], labels: np.ndarray) -> dict[tuple, View]:
+    """Every candidate under every available variant, with its fitted temperature."""
+    variants = VARIANTS if all(f is not None for f in flipped) else ("none",)
+    views = {}
+    for c, (z, zf) in enumerate(zip(logits, flipped)):
+        for v in variants:
+            logp = variant_logprobs(z, zf, v)
+            t = fit_temperature(logp, labels)
+            probs = calibrated(logp, t)
+            views[(c, v)] = View(c, v, t, probs, accuracy(probs, labels))
+    return views
 
 
-def search_pair(probs: list[np.ndarray], archs: list[str], labels: np.ndarray, n_trials: int, seed: int,
-                rules: tuple[str, ...]) -> tuple[tuple[int, int, float, str], float]:
-    """Optuna over (pair, weight, rule) on probabilities whose rows are already selected.
-    Returns ((i, j, weight, rule), accuracy)."""
+def weight_grid(step: float) -> np.ndarray:
+    n = max(1, round(1.0 / step))
+    return np.linspace(0.0, 1.0, n + 1)
+
+
+def best_weight(p_a: np.ndarray, p_b: np.ndarray, labels: np.ndarray, rule: str, weights: np.ndarray,
+                floor: float) -> tuple[float, float, float] | None:
+    """(weight, nll, accuracy) of the lowest-NLL weight whose accuracy is >= floor; None if none is."""
+    best = None
+    for w in weights:
+        probs = combine(p_a, p_b, float(w), rule)
+        acc, loss = accuracy(probs, labels), nll(probs, labels)
+        if acc + 1e-12 < floor:
+            continue
+        key = (round(loss, 12), -acc)
+        if best is None or key < best[0]:
+            best = (key, float(w), loss, acc)
+    return None if best is None else best[1:]
+
+
+def search(views: dict[tuple, View], archs: list[str], labels: np.ndarray, rules: tuple[str, ...],
+           weight_step: float, seed: int) -> tuple[Choice, list[Choice]]:
+    """The chosen (pair, variants, rule, weight) and every trial's best, lowest NLL first."""
     pairs = candidate_pairs(archs)
     if not pairs:
         raise EnsembleError("the ensemble needs finished trials from two member studies")
+    variants = sorted({v for _, v in views}, key=VARIANTS.index)
     keys = [f"{i}-{j}" for i, j in pairs]
+    weights = weight_grid(weight_step)
+    space = {"pair": keys, "variant_a": variants, "variant_b": variants, "method": list(rules)}
+    tried: list[Choice] = []
 
     def objective(trial: optuna.Trial) -> float:
         i, j = map(int, trial.suggest_categorical("pair", keys).split("-"))
-        w = trial.suggest_float("weight", 0.0, 1.0)
+        va, vb = trial.suggest_categorical("variant_a", variants), trial.suggest_categorical("variant_b", variants)
         rule = trial.suggest_categorical("method", list(rules))
-        return accuracy(combine(probs[i], probs[j], w, rule), labels)
+        floor = max(views[(i, "none")].accuracy, views[(j, "none")].accuracy)
+        found = best_weight(views[(i, va)].probs, views[(j, vb)].probs, labels, rule, weights, floor)
+        if found is None:
+            return float("inf")
+        w, loss, acc = found
+        trial.set_user_attr("weight", w)
+        trial.set_user_attr("accuracy", acc)
+        tried.append(Choice(i, j, va, vb, rule, w, loss, acc, floor))
+        return loss
 
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    for key in keys:
-        for rule in rules:
-            study.enqueue_trial({"pair": key, "weight": 0.5, "method": rule})
-    study.optimize(objective, n_trials=max(n_trials, len(keys) * len(rules)))
-    best = study.best_trial
-    i, j = map(int, best.params["pair"].split("-"))
-    return (i, j, float(best.params["weight"]), best.params["method"]), float(best.value)
-
-
-def cross_fitted_accuracy(probs: list[np.ndarray], archs: list[str], labels: np.ndarray, n_trials: int, seed: int,
-                          rules: tuple[str, ...]) -> float:
-    """Choose on one stratified half, score on the other, both ways; the mean. Only the ensemble's
-    own choice is held out: the members' epochs and trials were chosen on all of these images."""
-    half_a, half_b = stratified_halves(labels, seed)
-    scores = []
-    for fit_rows, score_rows in ((half_a, half_b), (half_b, half_a)):
-        (i, j, w, rule), _ = search_pair([p[fit_rows] for p in probs], archs, labels[fit_rows], n_trials, seed, rules)
-        scores.append(accuracy(combine(probs[i][score_rows], probs[j][score_rows], w, rule), labels[score_rows]))
-    return float(np.mean(scores))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.GridSampler(space, seed=seed))
+    study.optimize(objective, n_trials=len(keys) * len(variants) ** 2 * len(rules))
+    # Deterministic among exact ties (a single member reached under several rules is one model).
+    ranked = sorted(tried, key=lambda c: (round(c.nll, 12), -c.accuracy, c.a, c.b, VARIANTS.index(c.variant_a),
+                                          VARIANTS.index(c.variant_b), c.rule, c.weight))
+    return ranked[0], ranked

@@ -1,8 +1,9 @@
-"""The ensemble step of a session, from plain inputs: candidates with their stored probabilities and
-labels in, the chosen pair, weight and rule out, logged into the run the caller opened for it.
+"""The ensemble step of a session, from plain inputs: candidates with their stored selection-split
+logits and the labels in, the chosen pair, test-time variants, temperatures, rule and weight out,
+logged into the run the caller opened for it.
 
-``tune`` gathers the candidates (the top trials of each member study) and registers the result;
-this stage knows nothing of studies or sessions.
+``tune`` gathers the candidates (the top trials of each member study), then audits and registers
+the result; this stage knows nothing of studies or sessions, and never sees an audit image.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import numpy as np
 from .. import metric_names as M
 from .. import tracking
 from ..config import StudyConfig
+from .calibration import calibrated, variant_logprobs
+from .figures import reliability_figure, weight_figure
 from .rules import RULES, combine
-from .search import accuracy, candidate_pairs, cross_fitted_accuracy, search_pair, weight_curve
+from .search import Choice, View, calibrate, candidate_pairs, search
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,11 @@ class Candidate:
     arch: str
     trial: int
     run_id: str
-    val_accuracy: float
-    probs: np.ndarray  # validation probabilities at its best epoch, N x C
+    val_accuracy: float  # its own best selection accuracy (the trial's value)
+    logits: np.ndarray  # selection-split logits at its best epoch, N x C
+    logits_flipped: np.ndarray | None  # of the mirror images, when stored
     checkpoint: Path
+    precision: str = "fp32"  # what the stored logits were computed in
 
     @property
     def label(self) -> str:
@@ -44,10 +49,22 @@ class EnsembleResult:
     member_b: Candidate
     weight: float  # member A's; member B gets 1 - weight
     method: str
-    val_accuracy: float  # in-sample: chosen and scored on the same validation images
-    holdout_accuracy: float  # cross-fitted over the ensemble's own choice only
-    member_a_accuracy: float
+    variant_a: str  # test-time variant: none | hflip
+    variant_b: str
+    temperature_a: float
+    temperature_b: float
+    selection_accuracy: float  # chosen on these images: in-sample
+    selection_nll: float
+    member_a_accuracy: float  # each member alone, plain, on the selection split
     member_b_accuracy: float
+    selection_images: int
+
+    def member_spec(self) -> list[dict]:
+        """What the served model needs of each member besides its checkpoint."""
+        return [{"arch": m.arch, "trial": m.trial, "run_id": m.run_id, "tta": v, "temperature": t,
+                 "precision": m.precision}
+                for m, v, t in ((self.member_a, self.variant_a, self.temperature_a),
+                                (self.member_b, self.variant_b, self.temperature_b))]
 
 
 def rules_of(settings: StudyConfig) -> tuple[str, ...]:
@@ -62,81 +79,57 @@ def enough_candidates(candidates: list[Candidate], settings: StudyConfig) -> boo
 
 def build_ensemble(candidates: list[Candidate], labels: np.ndarray, ids: list[str], classes: tuple[str, ...],
                    settings: StudyConfig, client, run_id: str) -> EnsembleResult:
-    """Search the pair, weight and rule on the candidates' stored probabilities; log into ``run_id``."""
-    archs = [c.arch for c in candidates]
+    """Calibrate, search, and log the choice into ``run_id`` (selection split only)."""
+    views = calibrate([c.logits for c in candidates], [c.logits_flipped for c in candidates], labels)
     rules = rules_of(settings)
-    probs = [c.probs for c in candidates]
-    holdout = cross_fitted_accuracy(probs, archs, labels, settings.ensemble_trials, settings.sampler_seed, rules)
-    (i, j, weight, method), in_sample = search_pair(probs, archs, labels, settings.ensemble_trials,
-                                                    settings.sampler_seed, rules)
-    a, b = candidates[i], candidates[j]
-    result = EnsembleResult(run_id, a, b, weight, method, in_sample, holdout, accuracy(a.probs, labels),
-                            accuracy(b.probs, labels))
-    _log(client, result, candidates, labels, ids, classes, settings, rules)
+    choice, ranked = search(views, [c.arch for c in candidates], labels, rules, settings.ensemble_weight_step,
+                            settings.sampler_seed)
+    a, b = candidates[choice.a], candidates[choice.b]
+    va, vb = views[(choice.a, choice.variant_a)], views[(choice.b, choice.variant_b)]
+    result = EnsembleResult(run_id, a, b, choice.weight, choice.rule, choice.variant_a, choice.variant_b,
+                            va.temperature, vb.temperature, choice.accuracy, choice.nll,
+                            views[(choice.a, "none")].accuracy, views[(choice.b, "none")].accuracy, len(labels))
+    _log(client, result, candidates, ranked, va, vb, labels, ids, classes, settings, rules)
     return result
 
 
-def pair_table(candidates: list[Candidate], labels: np.ndarray, rules: tuple[str, ...]) -> list[dict]:
-    """Every candidate pair and rule at its best weight on the curve, best first."""
-    rows = []
-    for i, j in candidate_pairs([c.arch for c in candidates]):
-        ci, cj = candidates[i], candidates[j]
-        for rule in rules:
-            weights, accs = weight_curve(ci.probs, cj.probs, labels, rule)
-            k = int(accs.argmax())
-            rows.append({"member_a": ci.label, "member_b": cj.label, "method": rule, "best_weight": float(weights[k]),
-                         "accuracy": float(accs[k]), "accuracy_at_0.5": float(accs[len(accs) // 2]),
-                         "member_a_accuracy": ci.val_accuracy, "member_b_accuracy": cj.val_accuracy,
-                         "member_a_run_id": ci.run_id, "member_b_run_id": cj.run_id})
-    return sorted(rows, key=lambda r: -r["accuracy"])
-
-
-def _log(client, result: EnsembleResult, candidates: list[Candidate], labels: np.ndarray, ids: list[str],
-         classes: tuple[str, ...], settings: StudyConfig, rules: tuple[str, ...]) -> None:
+def _log(client, result: EnsembleResult, candidates: list[Candidate], ranked: list[Choice], va: View, vb: View,
+         labels: np.ndarray, ids: list[str], classes: tuple[str, ...], settings: StudyConfig,
+         rules: tuple[str, ...]) -> None:
     a, b, run_id = result.member_a, result.member_b, result.run_id
     tracking.log_params(client, run_id, {
         "member_a_run_id": a.run_id, "member_b_run_id": b.run_id, "member_a": a.label, "member_b": b.label,
-        "weight": round(result.weight, 6), "method": result.method, "candidates": len(candidates),
-        "top_k": settings.top_k, "search_trials": settings.ensemble_trials,
-        "honest_estimate": "2-fold cross-fit on stratified halves of validation",
+        "weight": round(result.weight, 6), "method": result.method, "tta_a": result.variant_a,
+        "tta_b": result.variant_b, "temperature_a": round(result.temperature_a, 4),
+        "temperature_b": round(result.temperature_b, 4), "candidates": len(candidates), "top_k": settings.top_k,
+        "rules": ",".join(rules), "weight_step": settings.ensemble_weight_step,
+        "chosen_by": "lowest selection NLL with selection accuracy >= the better member's",
     })
     tracking.log_metrics(client, run_id, {
-        M.ENSEMBLE_VAL_ACCURACY: result.val_accuracy, M.ENSEMBLE_HONEST_ACCURACY: result.holdout_accuracy,
-        M.MEMBER_A_VAL_ACCURACY: result.member_a_accuracy, M.MEMBER_B_VAL_ACCURACY: result.member_b_accuracy,
-        M.ENSEMBLE_WEIGHT: result.weight, M.VAL_ACCURACY: result.val_accuracy,
-        M.BEST_VAL_ACCURACY: result.val_accuracy})
-    rows = pair_table(candidates, labels, rules)
-    probs = combine(a.probs, b.probs, result.weight, result.method)
+        M.SELECTION_ACCURACY: result.selection_accuracy, M.SELECTION_NLL: result.selection_nll,
+        M.SELECTION_IMAGES: result.selection_images, M.MEMBER_A_SELECTION_ACCURACY: result.member_a_accuracy,
+        M.MEMBER_B_SELECTION_ACCURACY: result.member_b_accuracy, M.ENSEMBLE_WEIGHT: result.weight,
+        M.TEMPERATURE_A: result.temperature_a, M.TEMPERATURE_B: result.temperature_b})
+    rows = [{"member_a": candidates[c.a].label, "member_b": candidates[c.b].label, "tta_a": c.variant_a,
+             "tta_b": c.variant_b, "method": c.rule, "weight": c.weight, "selection_nll": c.nll,
+             "selection_accuracy": c.accuracy, "better_member_accuracy": c.floor,
+             "member_a_run_id": candidates[c.a].run_id, "member_b_run_id": candidates[c.b].run_id} for c in ranked]
+    probs = combine(va.probs, vb.probs, result.weight, result.method)
+    raw = [calibrated(variant_logprobs(m.logits, m.logits_flipped, v), 1.0)
+           for m, v in ((a, result.variant_a), (b, result.variant_b))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "best_pairs.json").write_text(json.dumps(rows, indent=2))
-        _weight_figure(out / "weight_curve.png", result, labels)
+        weight_figure(out / "weight_curve.png", va.probs, vb.probs, labels, result)
+        reliability_figure(out / "reliability_selection.png", combine(raw[0], raw[1], result.weight, result.method),
+                           probs, labels, "selection (in-sample)")
         tracking.write_evaluation(out, labels, probs.astype(np.float32), ids, classes,
-                                  f"ensemble {a.arch}+{b.arch}, w={result.weight:.2f}")
+                                  f"ensemble {a.label}+{b.label}, w={result.weight:.2f} (selection split)",
+                                  split="selection")
         client.log_artifacts(run_id, str(out))
     try:
         import pandas as pd
 
-        client.log_table(run_id, data=pd.DataFrame(rows), artifact_file="best_pairs_table.json")
+        client.log_table(run_id, data=pd.DataFrame(rows[:200]), artifact_file="best_pairs_table.json")
     except Exception:  # noqa: BLE001 - the JSON file above already holds the table
         pass
-
-
-def _weight_figure(path: Path, result: EnsembleResult, labels: np.ndarray) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    a, b = result.member_a, result.member_b
-    weights, accs = weight_curve(a.probs, b.probs, labels, result.method)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(weights, accs, label=f"{result.method} vote")
-    ax.axhline(result.member_a_accuracy, ls=":", color="gray")
-    ax.axvline(result.weight, ls="--", color="red", label=f"chosen w={result.weight:.2f}")
-    ax.set_xlabel(f"weight of {a.label} (1-w for {b.label})")
-    ax.set_ylabel("validation accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,42 +1,39 @@
 """``promote``: move ``@champion`` to ``@challenger`` on evidence.
 
-``tune`` registers every new ensemble as ``@challenger`` (``register``). ``promote`` scores ``@challenger`` and
-``@champion`` on the same labelled images, through the same ``predict`` the server runs, and moves
-``@champion`` only when the challenger wins. A promotion never deletes anything: the previous
-champion stays a version (tagged ``superseded_by``), so rolling back is one
-``set_registered_model_alias(name, "champion", <previous version>)``.
+``tune`` registers every new ensemble as ``@challenger`` (``register``). ``promote`` scores
+``@challenger`` and ``@champion`` on the audit images their session set aside (no choice read them),
+through the same ``predict`` the server runs, and moves ``@champion`` only when the challenger is
+better, by at least ``min_gain``, and an exact McNemar test on the images where the two disagree
+says the difference is not chance (p < ``alpha``). Nothing is deleted: the previous champion stays
+a version (tagged ``superseded_by``), so a rollback is one ``set_registered_model_alias`` call.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import mlflow
-import numpy as np
 
 from .. import metric_names as M
 from .. import tracking
 from .register import CHALLENGER, CHAMPION
+from .scoring import PromotionError, Scored, ScoringSet, audit_spec_of, check_comparable, score_version, scoring_set
 
 PROMOTED = "promoted"  # @champion moved to the challenger
 KEPT = "kept"  # the champion stays
 ALREADY_CHAMPION = "already_champion"  # @challenger and @champion are the same version
-RULE = "promote when challenger - champion accuracy > 0 and >= min_gain (a tie keeps the champion)"
+RULE = ("promote when the challenger is better on the scoring images, by at least min_gain, and an exact McNemar "
+        "test on the images where the two disagree gives p < alpha")
 
-
-class PromotionError(RuntimeError):
-    """The registry is not in a state promotion can work with (no model, no challenger)."""
+__all__ = ["PROMOTED", "KEPT", "ALREADY_CHAMPION", "PromotionError", "Decision", "decide", "promote"]
 
 
 @dataclass(frozen=True)
-class Score:
-    version: str
-    accuracy: float
-    macro_f1: float
-    correct: int
-    images: int
+class Evidence:
+    only_challenger: int  # images only the challenger gets right
+    only_champion: int
+    p: float  # exact two-sided McNemar p-value
 
 
 @dataclass(frozen=True)
@@ -49,11 +46,12 @@ class Decision:
     champion_version: str | None  # before the decision
     outcome: str  # promoted | kept | already_champion
     reason: str
-    split: str | None = None
-    data_root: str | None = None
-    challenger: Score | None = None
-    champion: Score | None = None
+    scored_on: ScoringSet | None = None
+    challenger: Scored | None = None
+    champion: Scored | None = None
+    evidence: Evidence | None = None
     min_gain: float = 0.0
+    alpha: float = 0.05
     forced: bool = False
     dry_run: bool = False
     run_id: str | None = None  # the MLflow run recording the decision (None for dry runs)
@@ -66,19 +64,19 @@ class Decision:
     def gain(self) -> float | None:
         if self.challenger is None or self.champion is None:
             return None
-        return self.challenger.accuracy - self.champion.accuracy
+        return self.challenger.score.accuracy - self.champion.score.accuracy
 
     def describe(self) -> str:
-        name = self.model_name
-        lines = []
+        name, lines = self.model_name, []
         if self.challenger is not None:
-            lines.append(f"scored on {self.challenger.images} labelled images ({self.split} split of {self.data_root})")
-            for role, score in (("challenger", self.challenger), ("champion", self.champion)):
-                if score is not None:
-                    lines.append(f"  {role:<10} v{score.version:<4} accuracy {100 * score.accuracy:6.2f}%  "
-                                 f"macro-F1 {100 * score.macro_f1:6.2f}%")
-            if self.gain is not None:
-                lines.append(f"  gain {100 * self.gain:+.2f} points (min gain {100 * self.min_gain:.2f}); rule: {RULE}")
+            s = self.scored_on
+            lines.append(f"scored on {s.name}: {len(s.ids)} labelled images"
+                         + ("" if s.honest else " (in-sample for these versions: treat the scores as optimistic)"))
+            for role, scored in (("challenger", self.challenger), ("champion", self.champion)):
+                if scored is not None:
+                    low, high = scored.score.interval
+                    lines.append(f"  {role:<10} v{scored.score.version:<4} accuracy {100 * scored.score.accuracy:6.2f}% "
+                                 f"[{100 * low:.1f}, {100 * high:.1f}]  macro-F1 {100 * scored.macro_f1:6.2f}%")
         prefix = "dry run: would " if self.dry_run else ""
         if self.outcome == ALREADY_CHAMPION:
             lines.append(f"{name} v{self.challenger_version} is already champion: nothing to do")
@@ -119,110 +117,98 @@ def current_aliases(client, model_name: str) -> tuple[str, str | None]:
     return str(aliases[CHALLENGER]), str(champion) if champion is not None else None
 
 
-def scoring_split(root: str | Path, split: str | None):
-    """(split index, class names): the labelled split both versions are scored on, ``split`` if
-    named, else the test split when it has labels, else validation."""
-    from ..data.layout import DataError, index_dataset
-    from .inference import select_split
+def decide(challenger: Scored, champion: Scored | None, min_gain: float, alpha: float,
+           force: bool) -> tuple[str, str, Evidence | None]:
+    """(outcome, reason, evidence). Both were scored on the same images, so the comparison is paired."""
+    from ..ensemble.scores import mcnemar
 
-    index = index_dataset(root)
-    if split is None:
-        test = index.splits.get("test")
-        split = "test" if test is not None and test.labels is not None else "validation"
-    entry = select_split(index, split)
-    if entry.labels is None:
-        raise DataError(f"{entry.source}: the {split} split has no labels, so it cannot score a model; "
-                        "name a labelled split (--split validation) or dataset (--data)")
-    return entry, index.classes
-
-
-def score_version(model_name: str, version: str, blobs: list[bytes], labels: np.ndarray, num_classes: int,
-                  batch_size: int = 256, device: str | None = None, progress: bool = False) -> Score:
-    from sklearn.metrics import f1_score
-
-    from .inference import load_model, predict_images
-
-    model = load_model(f"models:/{model_name}/{version}", device)
-    predicted = predict_images(model, blobs, batch_size, progress, desc=f"score v{version}")["label"].to_numpy()
-    correct = int((predicted == labels).sum())
-    macro_f1 = f1_score(labels, predicted, labels=list(range(num_classes)), average="macro", zero_division=0)
-    return Score(version, correct / len(labels), float(macro_f1), correct, len(labels))
-
-
-def decide(challenger: Score, champion: Score | None, min_gain: float, force: bool) -> tuple[str, str]:
-    """(outcome, reason). Same images for both, so the gain is computed from counts, exactly."""
     if champion is None:
-        return PROMOTED, "no champion yet"
-    gain = (challenger.correct - champion.correct) / challenger.images
+        return PROMOTED, "no champion yet", None
+    mine, theirs = challenger.score, champion.score
+    only_mine, only_theirs, p = mcnemar(mine.correct, theirs.correct)
+    evidence = Evidence(only_mine, only_theirs, p)
+    gain = (only_mine - only_theirs) / mine.images
+    facts = (f"challenger {100 * mine.accuracy:.1f} % vs {100 * theirs.accuracy:.1f} %, {only_mine} vs "
+             f"{only_theirs} discordant, p = {p:.2g}")
     if force:
-        return PROMOTED, f"forced (gain {100 * gain:+.2f} points)"
-    if gain > 0 and gain >= min_gain - 1e-12:
-        return PROMOTED, f"wins by {100 * gain:.2f} points >= {100 * min_gain:.2f}"
-    if gain > 0:
-        return KEPT, f"wins by {100 * gain:.2f} points, less than min gain {100 * min_gain:.2f}"
-    if gain == 0:
-        return KEPT, "tie: equal accuracy is no evidence for a change"
-    return KEPT, f"loses by {100 * -gain:.2f} points"
+        return PROMOTED, f"forced: {facts}", evidence
+    if gain <= 0:
+        return KEPT, f"{facts}: {'a tie is no evidence' if gain == 0 else 'the challenger is not better'}", evidence
+    if gain + 1e-12 < min_gain:
+        return KEPT, f"{facts}: a gain of {100 * gain:.2f} points is less than min gain {100 * min_gain:.2f}", evidence
+    if p >= alpha:
+        return KEPT, f"{facts}: not enough evidence (alpha {alpha:g})", evidence
+    return PROMOTED, f"{facts}: better, by >= {100 * min_gain:.2f} points, p < {alpha:g}", evidence
 
 
 def promote(data_cfg, model_name: str = "deepfake-ensemble", split: str | None = None, min_gain: float = 0.0,
-            dry_run: bool = False, force: bool = False, experiment: str = "deepfake", batch_size: int = 256,
-            device: str | None = None, progress: bool = False) -> Decision:
-    """Score ``@challenger`` and ``@champion`` on one labelled split and move ``@champion`` on evidence.
+            alpha: float = 0.05, dry_run: bool = False, force: bool = False, experiment: str = "deepfake",
+            batch_size: int = 256, device: str | None = None, progress: bool = False) -> Decision:
+    """Score ``@challenger`` and ``@champion`` on the same labelled images and move ``@champion`` on evidence.
 
-    Writes (unless ``dry_run``): one run in ``experiment`` with both scores, the versions and the
-    outcome; on promotion the alias and the tags ``promoted_at``, ``previous_champion`` and
+    Writes (unless ``dry_run``): one run in ``experiment`` with both scores, intervals, the discordant
+    counts and p; on promotion the alias and the tags ``promoted_at``, ``previous_champion`` and
     ``promotion_score`` on the new champion, ``superseded_by`` on the old one.
     """
-    from ..data.cache import files_digest
     from ..data.dataset import ensure_default_data
     from .inference import read_images
 
     if min_gain < 0:
         raise ValueError(f"--min-gain must be >= 0, got {min_gain}; use --force to promote a challenger that "
                          "does not win")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"--alpha must be in (0, 1], got {alpha}")
     client = tracking.client()
     tracking.check_tracking(client)
     challenger_v, champion_v = current_aliases(client, model_name)
     if challenger_v == champion_v:
         return Decision(model_name, challenger_v, champion_v, ALREADY_CHAMPION, "same version",
-                        min_gain=min_gain, forced=force, dry_run=dry_run)
-
+                        min_gain=min_gain, alpha=alpha, forced=force, dry_run=dry_run)
+    tags = {v: dict(client.get_model_version(model_name, v).tags) for v in (challenger_v, champion_v) if v}
+    if not force:
+        check_comparable(model_name, (challenger_v, tags[challenger_v]),
+                         (champion_v, tags[champion_v]) if champion_v else None)
     ensure_default_data(data_cfg)
-    entry, classes = scoring_split(data_cfg.root, split)
-    blobs = read_images(entry.paths)
-    labels = np.asarray(entry.labels, dtype=np.int64)
-    num_classes = len(classes)
-    challenger = score_version(model_name, challenger_v, blobs, labels, num_classes, batch_size, device, progress)
-    champion = (score_version(model_name, champion_v, blobs, labels, num_classes, batch_size, device, progress)
-                if champion_v is not None else None)
-    outcome, reason = decide(challenger, champion, min_gain, force)
-    decision = Decision(model_name, challenger_v, champion_v, outcome, reason, entry.split, str(data_cfg.root),
-                        challenger, champion, min_gain, force, dry_run)
+    scoring = scoring_set(data_cfg, split, audit_spec_of(tags[challenger_v]))
+    if tags[challenger_v].get("dataset_digest") not in (None, scoring.data_digest):
+        print(f"note: the data given (digest {scoring.data_digest}) is not the data v{challenger_v} was built on "
+              f"(digest {tags[challenger_v]['dataset_digest']})")
+    blobs = read_images(scoring.paths)
+    scored = {v: score_version(model_name, v, blobs, scoring.labels, scoring.num_classes, batch_size, device, progress)
+              for v in (challenger_v, champion_v) if v}
+    champion = scored.get(champion_v) if champion_v else None
+    outcome, reason, evidence = decide(scored[challenger_v], champion, min_gain, alpha, force)
+    decision = Decision(model_name, challenger_v, champion_v, outcome, reason, scoring, scored[challenger_v],
+                        champion, evidence, min_gain, alpha, force, dry_run)
     if dry_run:
         return decision
-    run_id = _record(client, decision, experiment, files_digest(entry.paths, None), device or "cpu")
+    run_id = _record(client, decision, experiment, device or "cpu")
     return replace(decision, run_id=run_id)
 
 
-def _record(client, decision: Decision, experiment: str, data_digest: str, device: str) -> str:
+def _record(client, decision: Decision, experiment: str, device: str) -> str:
     """The decision run, then (on promotion) the alias and version tags."""
-    name = decision.model_name
-    ch, champ = decision.challenger, decision.champion
+    name, s = decision.model_name, decision.scored_on
+    ch, champ, ev = decision.challenger, decision.champion, decision.evidence
     run_id, _ = tracking.open_run(client, experiment, f"promote-{name}-v{decision.challenger_version}", {
         **tracking.standard_tags(device), "kind": "promotion", "outcome": decision.outcome,
         "registered_model": name})
     with tracking.run_guard(client, run_id):
         tracking.log_params(client, run_id, {
             "model_name": name, "challenger_version": decision.challenger_version,
-            "champion_version": decision.champion_version or "none", "split": decision.split,
-            "data_root": decision.data_root, "data_digest": data_digest, "images": ch.images,
-            "min_gain": decision.min_gain, "force": decision.forced, "rule": RULE})
-        values = {M.CHALLENGER_ACCURACY: ch.accuracy, M.CHALLENGER_MACRO_F1: ch.macro_f1,
+            "champion_version": decision.champion_version or "none", "scored_on": s.name, "honest": s.honest,
+            "data_digest": s.data_digest, "scoring_digest": s.audit_digest, "images": len(s.ids),
+            "min_gain": decision.min_gain, "alpha": decision.alpha, "force": decision.forced, "rule": RULE})
+        low, high = ch.score.interval
+        values = {M.CHALLENGER_ACCURACY: ch.score.accuracy, f"{M.CHALLENGER_ACCURACY}_low": low,
+                  f"{M.CHALLENGER_ACCURACY}_high": high, M.CHALLENGER_MACRO_F1: ch.macro_f1,
                   M.PROMOTED: float(decision.promoted)}
         if champ is not None:
-            values |= {M.CHAMPION_ACCURACY: champ.accuracy, M.CHAMPION_MACRO_F1: champ.macro_f1,
-                       M.ACCURACY_GAIN: decision.gain}
+            low, high = champ.score.interval
+            values |= {M.CHAMPION_ACCURACY: champ.score.accuracy, f"{M.CHAMPION_ACCURACY}_low": low,
+                       f"{M.CHAMPION_ACCURACY}_high": high, M.CHAMPION_MACRO_F1: champ.macro_f1,
+                       M.ACCURACY_GAIN: decision.gain, M.ONLY_CHALLENGER_RIGHT: ev.only_challenger,
+                       M.ONLY_CHAMPION_RIGHT: ev.only_champion, M.MCNEMAR_P: ev.p}
         tracking.log_metrics(client, run_id, values)
         tracking.set_tags(client, run_id, {"reason": decision.reason})
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -230,7 +216,7 @@ def _record(client, decision: Decision, experiment: str, data_digest: str, devic
         if decision.promoted:
             client.set_registered_model_alias(name, CHAMPION, decision.challenger_version)
             version_tags |= {"promoted_at": now, "previous_champion": decision.champion_version or "none",
-                             "promotion_score": f"{ch.accuracy:.6f}", "promotion_split": decision.split}
+                             "promotion_score": f"{ch.score.accuracy:.6f}", "promotion_split": s.name}
             if decision.champion_version:
                 for key, value in {"superseded_by": decision.challenger_version, "superseded_at": now}.items():
                     client.set_model_version_tag(name, decision.champion_version, key, value)

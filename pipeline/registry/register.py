@@ -10,6 +10,7 @@ import mlflow
 import pandas as pd
 import torch
 
+from .. import metric_names as M
 from .. import tracking
 from ..ensemble.pyfunc import pip_requirements, signature, write_spec
 from ..ensemble.stage import EnsembleResult
@@ -41,31 +42,36 @@ def log_ensemble_model(run_id: str, member_a: str | Path, member_b: str | Path, 
             input_example=example,
             pip_requirements=pip_requirements(),
             # Defaults a caller may override at load time: load_model(uri, model_config={...}).
-            model_config={"device": "cpu", "precision": "auto", "batch_size": 256},
+            # (precision: each member's recorded one, from ensemble.json, unless "precision" is given)
+            model_config={"device": "cpu", "batch_size": 256},
             registered_model_name=model_name,
         )
     return str(info.registered_model_version)
 
 
 def register_ensemble(client, result: EnsembleResult, classes: tuple[str, ...], example_images: torch.Tensor,
-                      dataset_digest: str, model_name: str) -> str:
+                      dataset_digest: str, model_name: str, audit: dict[str, float] | None,
+                      audit_spec: str, audit_digest: str) -> str:
     """The ensemble as a new version of ``model_name``, logged into the ensemble run, tagged with its
-    members, weight, rule, accuracies and dataset digest, and given ``@challenger``."""
+    members, choices, selection and audit figures, dataset digest and audit set, and given ``@challenger``."""
     a, b, run_id = result.member_a, result.member_b, result.run_id
     with tempfile.TemporaryDirectory() as tmp:
-        spec = write_spec(Path(tmp) / "ensemble.json", result.weight, result.method, list(classes), [
-            {"arch": a.arch, "trial": a.trial, "run_id": a.run_id},
-            {"arch": b.arch, "trial": b.trial, "run_id": b.run_id}])
+        spec = write_spec(Path(tmp) / "ensemble.json", result.weight, result.method, list(classes),
+                          result.member_spec())
         version = log_ensemble_model(run_id, a.checkpoint, b.checkpoint, spec, list(classes),
                                      example_input(example_images), model_name)
     tags = {
         "member_a_run_id": a.run_id, "member_b_run_id": b.run_id, "member_a": a.label, "member_b": b.label,
-        "weight": f"{result.weight:.6f}", "method": result.method,
-        "ensemble_val_accuracy": f"{result.val_accuracy:.6f}",
-        "ensemble_holdout_accuracy": f"{result.holdout_accuracy:.6f}",
-        "member_a_val_accuracy": f"{result.member_a_accuracy:.6f}",
-        "member_b_val_accuracy": f"{result.member_b_accuracy:.6f}",
-        "dataset_digest": dataset_digest, "ensemble_run_id": run_id,
+        "weight": f"{result.weight:.6f}", "method": result.method, "tta_a": result.variant_a,
+        "tta_b": result.variant_b, "temperature_a": f"{result.temperature_a:.6f}",
+        "temperature_b": f"{result.temperature_b:.6f}",
+        M.SELECTION_ACCURACY: f"{result.selection_accuracy:.6f}", M.SELECTION_NLL: f"{result.selection_nll:.6f}",
+        M.MEMBER_A_SELECTION_ACCURACY: f"{result.member_a_accuracy:.6f}",
+        M.MEMBER_B_SELECTION_ACCURACY: f"{result.member_b_accuracy:.6f}",
+        "dataset_digest": dataset_digest, "audit_split": audit_spec, "audit_digest": audit_digest,
+        "ensemble_run_id": run_id,
+        **({k: f"{v:.6f}" for k, v in audit.items()} if audit else
+           {"audit": "off: every figure of this version is in-sample (selection)"}),
     }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from .. import metric_names as M
 from ..config import DataConfig, ModelConfig, TrainConfig
-from .client import log_metrics
+from .client import log_metrics, set_tags
 
 
 class EpochLogger:
@@ -63,8 +63,9 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
 
 
 def write_evaluation(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, ids: list[str],
-                     classes: tuple[str, ...], title: str) -> dict:
-    """Confusion matrix (png + json), classification report and validation probabilities into out_dir."""
+                     classes: tuple[str, ...], title: str, **arrays: np.ndarray | str | None) -> dict:
+    """Confusion matrix (png + json), classification report and validation probabilities into out_dir;
+    ``arrays`` (logits, flipped logits, precision…) are stored beside the probabilities."""
     import matplotlib.pyplot as plt
 
     matrix, report = classification_outputs(y_true, probs, classes)
@@ -75,8 +76,9 @@ def write_evaluation(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, ids: 
     plt.close(fig)
     pred_path = out_dir / M.PREDICTIONS_ARTIFACT
     pred_path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
     np.savez_compressed(pred_path, ids=np.asarray(ids), probs=probs.astype(np.float32),
-                        labels=y_true.astype(np.int64), classes=np.asarray(classes))
+                        labels=y_true.astype(np.int64), classes=np.asarray(classes), **extra)
     return report
 
 
@@ -96,8 +98,12 @@ def log_training_outputs(mlflow_client: MlflowClient, run_id: str, result, data,
     y_val = data.validation.labels.numpy()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
+        # What the ensemble reads: the selection split's probabilities and logits at the best epoch (and of
+        # the mirror images), computed at the precision the trial ran at (the served model uses the same).
         report = write_evaluation(out, y_val, result.val_probs, data.validation.ids, data.classes,
-                                  f"{model_cfg.arch}: validation (epoch {result.best_epoch})")
+                                  f"{model_cfg.arch}: {data.validation.name} split (epoch {result.best_epoch})",
+                                  logits=result.val_logits, logits_flipped=result.val_logits_flipped,
+                                  precision=result.precision, split=data.validation.name)
         save_checkpoint(out / M.CHECKPOINT_ARTIFACT, result.best_state, model_cfg, data_cfg, train_cfg,
                         data.classes, result.best_epoch, result.best_val_accuracy,
                         data.image_shape[1:])
@@ -111,6 +117,8 @@ def log_training_outputs(mlflow_client: MlflowClient, run_id: str, result, data,
         **per_class_metrics(report, data.classes),
     }
     log_metrics(mlflow_client, run_id, summary, step=result.best_epoch)
+    # val_* metrics and the best epoch were measured, and chosen, on this split
+    set_tags(mlflow_client, run_id, {"val_split": f"{data.validation.name} ({len(data.validation)} images)"})
     return summary
 
 

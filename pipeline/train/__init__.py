@@ -4,9 +4,9 @@ self-describing checkpoints (``checkpoint``) and the seeded build-and-fit every 
 
 from .device import DeviceError, autocast, bf16_supported, resolve_device, resolve_precision, synchronize
 from .loop import (EpochStats, FitResult, NonFiniteLossError, Report, class_weight_tensor, evaluate, fit,
-                   predict_probs, seed_everything, train_one_epoch)
+                   predict_logits, predict_probs, seed_everything, train_one_epoch)
 from .recipe import build_and_fit
 
 __all__ = ["DeviceError", "autocast", "bf16_supported", "resolve_device", "resolve_precision", "synchronize",
            "EpochStats", "FitResult", "NonFiniteLossError", "Report", "class_weight_tensor", "evaluate", "fit",
-           "predict_probs", "seed_everything", "train_one_epoch", "build_and_fit"]
+           "predict_logits", "predict_probs", "seed_everything", "train_one_epoch", "build_and_fit"]

@@ -46,6 +46,8 @@ class FitResult:
     best_val_accuracy: float
     epochs_run: int
     val_probs: np.ndarray  # validation softmax of the best state, N x C, float32
+    val_logits: np.ndarray | None = None  # its logits (temperature scaling needs them), N x C
+    val_logits_flipped: np.ndarray | None = None  # logits of the horizontally flipped images (test-time flip)
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     images_per_second: float = 0.0
@@ -115,27 +117,35 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, device: torch.device,
-                  precision: str, batch_size: int = 256) -> torch.Tensor:
-    """Softmax probabilities (float32, on the CPU) for uint8 images."""
+def predict_logits(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, device: torch.device,
+                   precision: str, batch_size: int = 256, flip: bool = False) -> torch.Tensor:
+    """Logits (float32, on the CPU) for uint8 images; ``flip``: of their horizontal mirror images."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = normalizer(images[start:start + batch_size].to(device, non_blocking=True))
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        x = normalizer(x.flip(-1) if flip else x)
         with autocast(device, precision):
             logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1))
+        out.append(logits.float())
     return torch.cat(out).cpu()
 
 
+def predict_probs(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, device: torch.device,
+                  precision: str, batch_size: int = 256) -> torch.Tensor:
+    """Softmax probabilities (float32, on the CPU) for uint8 images."""
+    return torch.softmax(predict_logits(model, images, normalizer, device, precision, batch_size), dim=1)
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer,
-             device: torch.device, precision: str, batch_size: int) -> tuple[float, float, torch.Tensor]:
-    """(mean cross-entropy, accuracy, probabilities) on a labelled split."""
-    probs = predict_probs(model, images, normalizer, device, precision, batch_size)
+             device: torch.device, precision: str, batch_size: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy, probabilities, logits) on a labelled split."""
+    logits = predict_logits(model, images, normalizer, device, precision, batch_size)
     y = labels.cpu()
-    loss = nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
+    loss = nn.functional.cross_entropy(logits, y).item()
+    probs = torch.softmax(logits, dim=1)
     accuracy = (probs.argmax(1) == y).float().mean().item()
-    return loss, accuracy, probs
+    return loss, accuracy, probs, logits
 
 
 def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
@@ -163,7 +173,7 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
                                                            factor=cfg.lr_factor)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    best_acc, best_epoch, best_state, best_probs = -1.0, 0, None, None
+    best_acc, best_epoch, best_state, best_probs, best_logits, best_flipped = -1.0, 0, None, None, None, None
     history: list[dict[str, float]] = []
     epoch_stats: list[EpochStats] = []
     train_seconds = images = data_seconds = 0.0
@@ -177,12 +187,14 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         train_seconds += stats.seconds
         data_seconds += stats.data_seconds
         images += stats.images
-        val_loss, val_acc, probs = evaluate(model, val_x, val_y, normalizer, device, precision,
-                                            cfg.eval_batch_size)
+        val_loss, val_acc, probs, logits = evaluate(model, val_x, val_y, normalizer, device, precision,
+                                                    cfg.eval_batch_size)
         scheduler.step(val_acc)
         if val_acc > best_acc:
-            best_acc, best_epoch, best_probs = val_acc, epoch, probs
+            best_acc, best_epoch, best_probs, best_logits = val_acc, epoch, probs, logits
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            # The mirror images' logits at the best epoch only: the ensemble may choose a test-time flip.
+            best_flipped = predict_logits(model, val_x, normalizer, device, precision, cfg.eval_batch_size, flip=True)
         row = {M.TRAIN_LOSS: stats.loss, M.TRAIN_ACCURACY: stats.accuracy, M.VAL_LOSS: val_loss,
                M.VAL_ACCURACY: val_acc, M.LR: lr}
         history.append(row)
@@ -200,6 +212,8 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         best_val_accuracy=best_acc,
         epochs_run=len(history),
         val_probs=best_probs.numpy().astype(np.float32),
+        val_logits=best_logits.numpy().astype(np.float32),
+        val_logits_flipped=best_flipped.numpy().astype(np.float32),
         history=history,
         train_seconds=train_seconds,
         images_per_second=images / train_seconds if train_seconds else 0.0,

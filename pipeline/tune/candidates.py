@@ -43,5 +43,9 @@ def load_candidates(session: Session, workdir: Path) -> list[Candidate]:
             if list(stored["ids"]) != list(ids):
                 print(f"note: skipping trial {t.number} of {arch}: its predictions are for other images")
                 continue
-            candidates.append(Candidate(arch, t.number, run_id, float(t.value), stored["probs"], ckpt))
+            # Runs of older versions stored probabilities only: their logs stand in for logits.
+            logits = stored["logits"] if "logits" in stored else np.log(np.clip(stored["probs"], 1e-12, None))
+            flipped = stored["logits_flipped"] if "logits_flipped" in stored else None
+            precision = str(stored["precision"]) if "precision" in stored else "fp32"
+            candidates.append(Candidate(arch, t.number, run_id, float(t.value), logits, flipped, ckpt, precision))
     return candidates

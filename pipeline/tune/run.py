@@ -20,8 +20,11 @@ from optuna.trial import TrialState
 from .. import metric_names as M
 from .. import tracking
 from ..config import Preset
+from ..data.audit import ids_digest
+from ..ensemble.audit import audit_ensemble
 from ..ensemble.stage import EnsembleResult, build_ensemble, enough_candidates
 from ..registry.register import register_ensemble
+from ..train import resolve_device
 from .candidates import candidate_fingerprint, load_candidates
 from .session import RUN_ATTR, Session, open_session
 from .storage import storage_lock
@@ -39,9 +42,10 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 class TuneSummary:
     parent_run_id: str
     members: dict[str, dict[str, Any]]
-    ensemble: EnsembleResult | None
+    ensemble: EnsembleOutcome | None
     model_version: str | None
     seconds: float
+    audit_note: str = ""  # how the audit split was drawn, or that it is off
 
 
 def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | None = None,
@@ -76,7 +80,8 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
     except BaseException as exc:
         close_parent(session, "FAILED", {"error": session.scrub(f"{type(exc).__name__}: {exc}")[:5000]})
         raise
-    summary = TuneSummary(session.parent_run_id, members, ensemble, version, time.perf_counter() - start)
+    summary = TuneSummary(session.parent_run_id, members, ensemble, version, time.perf_counter() - start,
+                          session.audit_info.describe())
     print_summary(summary)
     return summary
 
@@ -93,7 +98,13 @@ def close_parent(session: Session, status: str, tags: dict[str, str]) -> None:
         quietly(lambda: tracking.end_run(session.client, session.parent_run_id, status))
 
 
-def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleResult | None, str | None]:
+@dataclass(frozen=True)
+class EnsembleOutcome:
+    result: EnsembleResult
+    audit: dict[str, float] | None  # None: the audit split is off, every figure is in-sample
+
+
+def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | None, str | None]:
     """Build and register the ensemble unless this exact set of candidate trials already was."""
     fingerprint = candidate_fingerprint(session, model_name)
     first = session.studies[session.preset.study.members[0]]
@@ -114,13 +125,19 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleResult | N
         with tracking.run_guard(client, run_id):
             result = build_ensemble(candidates, data.validation.labels.numpy(), data.validation.ids, data.classes,
                                     session.preset.study, client, run_id)
+            audit = None
+            if session.audit is not None:  # every choice is made: now, and only now, the audit images
+                audit = audit_ensemble(result, session.audit.images, session.audit.labels.numpy(),
+                                       session.audit.ids, data.classes, session.audit_info.source, client,
+                                       resolve_device(session.preset.train.device))
             version = register_ensemble(client, result, data.classes, data.validation.images, data.digest,
-                                        model_name)
+                                        model_name, audit, session.audit_info.spec, ids_digest(session.audit))
     first.set_user_attr("ensemble_fingerprint", fingerprint)
     first.set_user_attr("ensemble_version", version)
-    tracking.log_metrics(client, session.parent_run_id, {M.ENSEMBLE_VAL_ACCURACY: result.val_accuracy,
-                                                         M.ENSEMBLE_HONEST_ACCURACY: result.holdout_accuracy})
-    return result, version
+    tracking.log_metrics(client, session.parent_run_id, {
+        M.SELECTION_ACCURACY: result.selection_accuracy,
+        **({M.AUDIT_ACCURACY: audit[M.AUDIT_ACCURACY]} if audit else {})})
+    return EnsembleOutcome(result, audit), version
 
 
 def member_summary(session: Session, arch: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import optuna
 
 from .. import tracking
 from ..config import Preset, flat_params
-from ..data import Dataset, load_dataset
+from ..data import Dataset, Split, load_dataset
+from ..data.audit import AuditInfo, ids_digest, partition
 from ..train import resolve_device
 from .pruners import make_pruner
 from .storage import check_url, default_storage, open_storage, retry, storage_error, storage_lock
@@ -42,6 +43,8 @@ class Session:
     data: Dataset
     client: Any
     studies: dict[str, optuna.Study] = field(default_factory=dict)
+    audit: Split | None = None  # images no choice reads; ``data.validation`` is the selection split
+    audit_info: AuditInfo | None = None
     checked: set[int] = field(default_factory=set)  # ids of finished trials whose run is known closed
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGINT/SIGTERM (n_jobs > 1)
 
@@ -87,12 +90,27 @@ def open_session(preset: Preset, experiment: str | None = None, study_name: str 
         if message is None:
             raise
         raise TuneError(message) from None
-    data = load_dataset(preset.data)
+    roles = partition(load_dataset(preset.data), preset.data)
     with storage_lock(url, f"session:{study_name}"):
+        check_same_data(studies[preset.study.members[0]], roles.data.digest, roles.info.spec)
         experiment_id = tracking.ensure_experiment(client, experiment or preset.tracking.experiment)
-        session = Session(preset, experiment_id, study_name, url, opened, "", data, client, studies)
+        session = Session(preset, experiment_id, study_name, url, opened, "", roles.data, client, studies,
+                          roles.audit, roles.info)
         session.parent_run_id = _parent_run(session)
     return session
+
+
+def check_same_data(study: optuna.Study, digest: str, audit_spec: str) -> None:
+    """Every worker of a session must train and choose on the same images: refuse other data."""
+    known = study.user_attrs.get("dataset_digest")
+    if known and known != digest:
+        raise TuneError(f"this worker's dataset (content digest {digest}) is not the data of session "
+                        f"{study.study_name.rsplit('.', 1)[0]} (digest {known}): every worker needs the same images "
+                        "and labels (see `python -m pipeline data inspect`)")
+    spec = study.user_attrs.get("audit_split")
+    if spec and spec != audit_spec:
+        raise TuneError(f"this worker's audit split ({audit_spec}) differs from the session's ({spec}): set the "
+                        "same data.audit_fraction and data.audit_min_per_class on every worker")
 
 
 def _parent_run(session: Session) -> str:
@@ -122,9 +140,14 @@ def _parent_run(session: Session) -> str:
         tracking.set_tags(session.client, run_id, {**tags, "mlflow.runName": f"tune-{session.study_name}"})
     else:
         run_id = tracking.start_run(session.client, session.experiment_id, f"tune-{session.study_name}", tags=tags)
+    audit = session.audit_info
     for study in session.studies.values():
         study.set_user_attr(PARENT_ATTR, run_id)
         study.set_user_attr("mlflow_experiment_id", session.experiment_id)
+        study.set_user_attr("dataset_digest", session.data.digest)
+        study.set_user_attr("audit_split", audit.spec)
+    tracking.set_tags(session.client, run_id, {"dataset_digest": session.data.digest, "audit_split": audit.spec,
+                                               "audit_digest": ids_digest(session.audit)})
     params = {
         # "session." keeps these apart from the entry-point parameters `mlflow run` logs on its run.
         "session.study": session.study_name,
@@ -134,10 +157,14 @@ def _parent_run(session: Session) -> str:
         "session.dataset": str(session.data.root),
         "session.dataset_digest": session.data.digest,
         "session.preset": session.preset.name,
+        "session.selection_images": len(session.data.validation),
+        "session.audit_images": len(audit.ids),
         **flat_params(session.preset, ("data", "train", "study")),
         "study.name": session.study_name,
         "study.storage": tracking.redact(session.storage_url),  # never a password in a param
     }
     tracking.log_params(session.client, run_id, params)
     tracking.log_dataset(session.client, run_id, session.data)
+    session.client.log_dict(run_id, {"source": audit.source, "spec": audit.spec, "digest": ids_digest(session.audit),
+                                     "describe": audit.describe(), "ids": list(audit.ids)}, "audit/ids.json")
     return run_id

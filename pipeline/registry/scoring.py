@@ -1,0 +1,126 @@
+"""What ``promote`` scores versions on, and how: the audit images their session set aside (or a
+labelled test split, or a split the user names), through the same ``predict`` the server runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+from ..data.audit import ids_digest, partition
+from ..data.layout import DataError
+
+
+class PromotionError(RuntimeError):
+    """The registry is not in a state promotion can work with (no model, no challenger, other data)."""
+
+
+@dataclass(frozen=True)
+class ScoringSet:
+    name: str  # "audit (validation:0.3:20)", "test", or "validation (selection: choices read it)"
+    honest: bool  # no choice of the versions' sessions read these images
+    ids: list[str]
+    paths: list[Path]
+    labels: np.ndarray
+    num_classes: int
+    data_digest: str
+    audit_digest: str
+
+
+@dataclass(frozen=True)
+class Score:
+    version: str
+    correct: np.ndarray  # per image: did this version get it right (bool)
+
+    @property
+    def images(self) -> int:
+        return len(self.correct)
+
+    @property
+    def right(self) -> int:
+        return int(self.correct.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.right / self.images if self.images else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        from ..ensemble.scores import wilson
+
+        return wilson(self.right, self.images)
+
+
+@dataclass(frozen=True)
+class Scored:
+    score: Score
+    macro_f1: float
+
+
+def audit_spec_of(tags: dict[str, str]) -> str | None:
+    return tags.get("audit_split")
+
+
+def check_comparable(name: str, challenger: tuple[str, dict], champion: tuple[str, dict] | None) -> None:
+    """Versions audited on different data or different audit sets are never compared."""
+    if champion is None:
+        return
+    for key, what in (("dataset_digest", "data"), ("audit_split", "audit split")):
+        mine, theirs = challenger[1].get(key), champion[1].get(key)
+        if mine is None or theirs is None or mine != theirs:
+            raise PromotionError(
+                f"{name} v{challenger[0]} and v{champion[0]} were built and audited on different {what} "
+                f"({key} {mine or 'unknown'} vs {theirs or 'unknown'}): their scores are not comparable, so "
+                "neither can be preferred on evidence; --force promotes anyway")
+
+
+def scoring_set(data_cfg: DataConfig, split: str | None, audit_spec: str | None) -> ScoringSet:
+    """The images both versions are scored on: ``split`` if named, else the audit split the versions'
+    session drew (a labelled test split, or the same part of validation, by content)."""
+    from ..data import load_dataset
+    from ..data.layout import index_dataset
+
+    data = load_dataset(data_cfg)
+    index = index_dataset(data_cfg.root)
+    if split is None:
+        roles = partition(data, _audit_config(data_cfg, audit_spec))
+        if roles.audit is None:
+            chosen, name, honest = data.validation, "validation (selection: audit split off, choices read it)", False
+        else:
+            chosen, name, honest = roles.audit, f"audit ({roles.info.spec})", True
+        source = "test" if roles.info.source == "test" else "validation"
+    else:
+        if split not in data.splits:
+            raise DataError(f"{data.root}: no {split} split (this dataset has {', '.join(data.splits)})")
+        chosen, source = data.splits[split], split
+        honest = split == "test"
+        name = split if honest else f"{split} (selection: choices read it)"
+    if chosen.labels is None:
+        raise DataError(f"{index.splits[source].source}: the {source} split has no labels, so it cannot score a model; "
+                        "name a labelled split (--split validation) or dataset (--data)")
+    by_id = dict(zip(index.splits[source].ids, index.splits[source].paths))
+    return ScoringSet(name, honest, list(chosen.ids), [by_id[i] for i in chosen.ids], chosen.labels.numpy(),
+                      data.num_classes, data.digest, ids_digest(chosen))
+
+
+def _audit_config(cfg: DataConfig, spec: str | None) -> DataConfig:
+    """The data settings that redraw the audit split a version's session drew (``validation:0.3:20``)."""
+    if not spec or spec == "test":
+        return cfg
+    if spec == "none":
+        return replace(cfg, audit_fraction=0.0)
+    _, fraction, minimum = spec.split(":")
+    return replace(cfg, audit_fraction=float(fraction), audit_min_per_class=int(minimum))
+
+
+def score_version(model_name: str, version: str, blobs: list[bytes], labels: np.ndarray, num_classes: int,
+                  batch_size: int = 256, device: str | None = None, progress: bool = False) -> Scored:
+    from ..ensemble.scores import macro_f1
+    from .inference import load_model, predict_images
+
+    model = load_model(f"models:/{model_name}/{version}", device)
+    predicted = predict_images(model, blobs, batch_size, progress, desc=f"score v{version}")["label"].to_numpy()
+    onehot = np.eye(num_classes)[predicted]
+    return Scored(Score(version, predicted == labels), macro_f1(onehot, labels, num_classes))

@@ -1,0 +1,227 @@
+"""Numbers you can trust: the audit split no choice reads, the content digest, calibration, a search
+that cannot do worse than its members, and promotion by a paired test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from conftest import make_competition_dataset, read_csv_rows, write_csv
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline import metric_names as M
+from pipeline.config import DataConfig, StudyConfig, load_preset
+from pipeline.data import DataError, load_dataset
+from pipeline.data.audit import partition
+from pipeline.ensemble.calibration import calibrated, fit_temperature, log_softmax
+from pipeline.ensemble.scores import ece, mcnemar, nll
+from pipeline.ensemble.search import calibrate, search
+from pipeline.registry.promote import KEPT, PROMOTED, decide
+from pipeline.registry.scoring import Score, Scored
+
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+              pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")]
+
+
+def _cfg(root: Path, tmp: Path, **kw) -> DataConfig:
+    return DataConfig(root=str(root), cache_dir=str(tmp / "cache"), **kw)
+
+
+def _independent_audit_ids(root: Path, split: str, k_per_class: int) -> set[str]:
+    """The audit rule, written again from its definition: per class, the k images whose decoded
+    pixels (RGB, C x H x W) hash lowest."""
+    chosen = set()
+    rows = read_csv_rows(root / f"{split}.csv")
+    for label in sorted({r["label"] for r in rows}):
+        keyed = []
+        for r in rows:
+            if r["label"] == label:
+                pixels = np.ascontiguousarray(np.asarray(Image.open(root / split / f"{r['image_id']}.png")
+                                                         .convert("RGB")).transpose(2, 0, 1))
+                digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).digest()
+                keyed.append((digest + r["image_id"].encode(), r["image_id"]))
+        chosen |= {image_id for _, image_id in sorted(keyed)[:k_per_class]}
+    return chosen
+
+
+# ----------------------------------------------------------------------------- the data's roles
+
+def test_audit_ids_and_digest_depend_on_content_only(tmp_path):
+    root = make_competition_dataset(tmp_path / "a", counts={"train": 3, "validation": 8}, test_count=4)
+    cfg = _cfg(root, tmp_path, audit_fraction=0.3, audit_min_per_class=2)
+    first = partition(load_dataset(cfg), cfg)
+    assert first.info.source == "validation"  # the test split is unlabelled
+    assert set(first.info.ids) == _independent_audit_ids(root, "validation", math.ceil(0.3 * 8))
+    selection = set(first.data.validation.ids)
+    assert not selection & set(first.info.ids) and len(selection) + len(first.info.ids) == 40
+
+    # The same data at another path, every CSV's rows in another order: same digest, same audit images.
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "copy")
+    for split in ("train", "validation"):
+        rows = read_csv_rows(moved / f"{split}.csv")[::-1]
+        write_csv(moved / f"{split}.csv", [(r["image_id"], r["label"]) for r in rows])
+    again = partition(load_dataset(_cfg(moved, tmp_path, audit_fraction=0.3, audit_min_per_class=2)), cfg)
+    assert again.data.digest == first.data.digest and set(again.info.ids) == set(first.info.ids)
+
+    # One relabelled training row: another dataset.
+    rows = read_csv_rows(moved / "train.csv")
+    rows[0]["label"] = str((int(rows[0]["label"]) + 1) % 5)
+    write_csv(moved / "train.csv", [(r["image_id"], r["label"]) for r in rows])
+    assert load_dataset(_cfg(moved, tmp_path)).digest != first.data.digest
+
+
+def test_a_labelled_test_split_is_the_audit_split_and_small_classes_are_refused(tmp_path):
+    root = make_competition_dataset(tmp_path / "d", counts={"train": 3, "validation": 2}, test_count=10,
+                                    test_labels=True)
+    data = load_dataset(_cfg(root, tmp_path))
+    roles = partition(data, _cfg(root, tmp_path))
+    assert roles.info.source == "test" and len(roles.audit) == 10
+    assert roles.data.validation.ids == data.validation.ids  # all of validation is for selection
+    unlabelled = make_competition_dataset(tmp_path / "u", counts={"train": 3, "validation": 2}, test_count=3)
+    with pytest.raises(DataError, match="class 0 has 2 validation images, too few for an audit split of 20"):
+        partition(load_dataset(_cfg(unlabelled, tmp_path)), _cfg(unlabelled, tmp_path))
+    off = partition(load_dataset(_cfg(unlabelled, tmp_path)), _cfg(unlabelled, tmp_path, audit_fraction=0))
+    assert off.audit is None and "in-sample" in off.info.describe()
+
+
+# ----------------------------------------------------------------------------- calibration and search
+
+def _informative(rng, labels, strength):
+    return strength * np.eye(5)[labels] + rng.normal(0, 1, (len(labels), 5))
+
+
+def test_calibration_lowers_the_audit_nll_of_an_over_confident_member():
+    rng = np.random.default_rng(0)
+    y_sel, y_audit = rng.integers(0, 5, 600), rng.integers(0, 5, 600)
+    # Logits five times too sharp: right answers near-certain, wrong ones too.
+    over = lambda y: 5 * _informative(rng, y, 1.5)  # noqa: E731
+    z_sel, z_audit = over(y_sel), over(y_audit)
+    t = fit_temperature(log_softmax(z_sel), y_sel)
+    assert t > 2
+    before, after = calibrated(log_softmax(z_audit), 1.0), calibrated(log_softmax(z_audit), t)
+    assert nll(after, y_audit) < 0.8 * nll(before, y_audit)
+    assert ece(after, y_audit) < ece(before, y_audit)
+    assert (after.argmax(1) == before.argmax(1)).all()  # a temperature never changes the answer
+
+
+def _search(logits, labels, step=0.05):
+    views = calibrate(logits, [None] * len(logits), labels)
+    return search(views, ["cnn_v1", "cnn_v2"][:len(logits)], labels, ("soft", "confidence"), step, 0)
+
+
+def test_the_search_gives_all_weight_to_a_member_when_the_other_is_noise():
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 5, 400)
+        choice, _ = _search([_informative(rng, y, 2.5), rng.normal(0, 1.5, (400, 5))], y)
+        assert (choice.a, choice.weight) == (0, 1.0), choice
+        choice, _ = _search([rng.normal(0, 1.5, (400, 5)), _informative(rng, y, 2.5)], y)
+        assert (choice.a, choice.weight) == (0, 0.0), choice  # member B alone
+
+
+def test_the_chosen_ensemble_never_scores_below_its_better_member_on_selection():
+    for seed in range(5):
+        rng = np.random.default_rng(100 + seed)
+        y = rng.integers(0, 5, 300)
+        logits = [_informative(rng, y, 1.0 + rng.random()), _informative(rng, y, 1.0 + rng.random())]
+        choice, ranked = _search(logits, y)
+        members = [float((z.argmax(1) == y).mean()) for z in logits]
+        assert choice.accuracy >= max(members) - 1e-12
+        assert all(c.nll >= choice.nll for c in ranked)
+
+
+# ----------------------------------------------------------------------------- promotion
+
+def _scored(version: str, correct: np.ndarray) -> Scored:
+    return Scored(Score(version, correct.astype(bool)), 0.0)
+
+
+def test_mcnemar_decides_on_the_images_where_the_versions_disagree():
+    base = np.zeros(200, dtype=bool)
+    base[:150] = True  # the champion: 150 of 200
+    one_more = base.copy()
+    one_more[150] = True  # right on exactly one more image, wrong on none it got right
+    outcome, reason, ev = decide(_scored("2", one_more), _scored("1", base), 0.0, 0.05, False)
+    assert outcome == KEPT and (ev.only_challenger, ev.only_champion) == (1, 0) and ev.p == 1.0
+    assert "1 vs 0 discordant, p = 1: not enough evidence" in reason
+    clearly = base.copy()
+    clearly[150:175] = True  # 25 more right...
+    clearly[:3] = False  # ...and 3 fewer
+    outcome, reason, ev = decide(_scored("2", clearly), _scored("1", base), 0.0, 0.05, False)
+    assert outcome == PROMOTED and (ev.only_challenger, ev.only_champion) == (25, 3) and ev.p < 1e-4
+    # The exact two-sided binomial p, from its definition.
+    expected = 2 * sum(math.comb(28, k) for k in range(4)) / 2 ** 28
+    assert ev.p == pytest.approx(expected, rel=1e-9)
+    assert mcnemar(clearly, base)[2] == pytest.approx(expected, rel=1e-9)
+    assert decide(_scored("2", clearly), _scored("1", base), 0.2, 0.05, False)[0] == KEPT  # gain 11 points < 20
+
+
+# ----------------------------------------------------------------------------- a session, end to end
+
+def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
+    """A tiny tune on data whose test split is unlabelled: trials, the ensemble search and calibration
+    read only the selection split; the audit ids are an artifact of the parent run; a worker with other
+    data cannot join."""
+    import mlflow
+
+    from pipeline.tune import TuneError, open_session, run_tuning
+
+    root = make_competition_dataset(tmp_path / "data", size=32, counts={"train": 4, "validation": 6},
+                                    test_count=3)
+    preset_path = tmp_path / "p.yaml"
+    preset_path.write_text(yaml.safe_dump({
+        "data": {"root": str(root), "augment": "none", "normalize": "half", "audit_fraction": 0.3,
+                 "audit_min_per_class": 1},
+        "model": {"convs_per_block": 1},
+        "train": {"epochs": 1, "batch_size": 10, "precision": "fp32", "device": "cpu"},
+        "study": {"trials": 1, "pruner": "none", "top_k": 1, "ensemble_method": "best",
+                  "space": {"train.lr": {"low": 1e-3, "high": 2e-3, "log": True}}}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = run_tuning(load_preset(str(preset_path)), "audit", "s", storage, progress=False)
+
+    audit_ids = _independent_audit_ids(root, "validation", 2)  # ceil(0.3 x 6) per class
+    validation = {r["image_id"] for r in read_csv_rows(root / "validation.csv")}
+    selection = validation - audit_ids
+    client = MlflowClient(uri)
+    parent = client.get_run(summary.parent_run_id)
+    stored = json.loads(Path(client.download_artifacts(parent.info.run_id, "audit/ids.json", str(tmp_path / "dl")))
+                        .read_text())
+    assert set(stored["ids"]) == audit_ids and stored["spec"] == "validation:0.3:1"
+    assert parent.data.tags["dataset_digest"] == load_dataset(_cfg(root, tmp_path)).digest
+    runs = client.search_runs([parent.info.experiment_id])
+    chose = [r for r in runs if r.data.tags.get("kind") in ("trial", "ensemble")]
+    assert len(chose) == 3
+    for run in chose:  # what each trial's epochs, pruning and top-k read, and the ensemble's search
+        npz = np.load(client.download_artifacts(run.info.run_id, M.PREDICTIONS_ARTIFACT, str(tmp_path / run.info.run_id)))
+        assert set(npz["ids"]) == selection and not set(npz["ids"]) & audit_ids
+    ensemble = next(r for r in chose if r.data.tags["kind"] == "ensemble")
+    assert ensemble.data.metrics[M.AUDIT_IMAGES] == len(audit_ids) == 10
+    assert ensemble.data.metrics[M.SELECTION_IMAGES] == len(selection) == 20
+    audit_npz = np.load(client.download_artifacts(ensemble.info.run_id, f"audit/{M.PREDICTIONS_ARTIFACT}",
+                                                  str(tmp_path / "audit-dl")))
+    assert set(audit_npz["ids"]) == audit_ids
+    tags = client.get_model_version("deepfake-ensemble", summary.model_version).tags
+    assert tags["audit_split"] == "validation:0.3:1" and tags["dataset_digest"] == parent.data.tags["dataset_digest"]
+
+    # A worker whose data differs (one relabelled row) refuses to join the session.
+    other = shutil.copytree(root, tmp_path / "other")
+    rows = read_csv_rows(other / "train.csv")
+    rows[0]["label"] = str((int(rows[0]["label"]) + 1) % 5)
+    write_csv(other / "train.csv", [(r["image_id"], r["label"]) for r in rows])
+    changed = load_preset(str(preset_path))
+    from dataclasses import replace
+    changed = replace(changed, data=replace(changed.data, root=str(other)))
+    with pytest.raises(TuneError, match="is not the data of session s"):
+        open_session(changed, "audit", "s", storage)
