@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import yaml
 from conftest import make_competition_dataset, read_csv_rows, write_csv
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import metric_names as M
-from pipeline.config import DataConfig, StudyConfig, load_preset
+from pipeline.config import DataConfig, load_preset
 from pipeline.data import DataError, load_dataset
 from pipeline.data.audit import partition
 from pipeline.ensemble.calibration import calibrated, fit_temperature, log_softmax
