@@ -18,7 +18,7 @@ NUM_CLASSES = 5
 NORMALIZATIONS = ("imagenet", "half")
 AUGMENT_POLICIES = ("none", "geometric", "color")  # implemented in data/augment.py (a test ties the two)
 SYNTH_PRESETS = ("tiny", "demo", "full")  # implemented in data/synth.py
-PRUNERS = ("median", "hyperband", "none", "always")  # implemented in tune/pruners.py; always: tests only
+PRUNERS = ("median", "hyperband", "asha", "none", "always")  # implemented in tune/pruners.py; always: tests only
 ENSEMBLE_METHODS = (*RULES, "best")  # best: every rule is searched, the selection winner kept
 
 
@@ -84,6 +84,8 @@ class TrainConfig:
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     seed: int = setting(0, "seed of weight init, shuffling and augmentation (per trial: seed + trial number)")
     eval_batch_size: int = setting(256, "evaluation batch size")
+    images_per_epoch: int | None = setting(None, "train on at most this many images per epoch (a fresh random "
+                                                 "draw each epoch): finer steps for pruning and budgets on large data")
 
     def __post_init__(self) -> None:
         validate_choices(self, "train")
@@ -93,6 +95,8 @@ class TrainConfig:
         check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         check(self.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", self.eval_batch_size)
         check(self.lr > 0, "train.lr", "> 0", self.lr)
+        check(self.images_per_epoch is None or self.images_per_epoch >= 2, "train.images_per_epoch", ">= 2",
+              self.images_per_epoch)
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "in [0, 1)", self.label_smoothing)
         parse_class_weights(self.class_weights)
 
@@ -113,6 +117,17 @@ class StudyConfig:
     storage: str | None = setting(None, "Optuna storage URL (default: sqlite optuna.db beside mlflow.db)")
     model_name: str = setting("deepfake-ensemble", "registered model name")
     n_jobs: int = setting(1, "trials in parallel in this process (threads; several trials on one GPU)")
+    time_budget: str | None = setting(None, "wall clock of the whole session, shared by all its workers: 30m, 2h, "
+                                            "90s (members, refit, ensemble and registration; trials and epochs "
+                                            "stay caps)")
+    refit_fraction: float = setting(0.2, "share of a time budget that continues each member's best configuration")
+    refit_epochs: int = setting(0, "without a time budget: epochs that continue each member's best configuration "
+                                   "(0 = no refit)")
+    tail_seconds: float = setting(60.0, "seconds of a time budget kept for the ensemble search, audit and "
+                                        "registration")
+    warm_start: str | None = setting(None, "STUDY[@STORAGE]: first try the best configurations of an earlier "
+                                           "study (e.g. a quick one on a sample)")
+    warm_start_k: int = setting(3, "configurations per member a warm start enqueues")
     space: SearchSpace = setting(help="what the member studies sample: dotted setting -> range or list",
                                  cli=False, default_factory=default_space)
 
@@ -125,6 +140,12 @@ class StudyConfig:
               self.ensemble_weight_step)
         if not self.members:
             raise ConfigError("study.members must name at least one architecture")
+        check(0 <= self.refit_fraction < 0.9, "study.refit_fraction", "in [0, 0.9)", self.refit_fraction)
+        check(self.refit_epochs >= 0, "study.refit_epochs", ">= 0", self.refit_epochs)
+        check(self.tail_seconds >= 0, "study.tail_seconds", ">= 0", self.tail_seconds)
+        check(self.warm_start_k >= 1, "study.warm_start_k", ">= 1", self.warm_start_k)
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,23 @@ class Preset:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "study": StudyConfig,
                              "tracking": TrackingConfig}
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``2h``, ``1h30m``, ``90s`` or plain seconds -> seconds."""
+    import re
+
+    spec = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", spec):
+        seconds = float(spec)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", spec)
+        if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", spec):
+            raise ConfigError(f"study.time_budget must be a duration such as 30m, 2h, 1h30m or 90s; got {text!r}")
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"study.time_budget must be positive, got {text!r}")
+    return seconds
 
 
 def parse_class_weights(spec: str) -> tuple[float, ...] | str:

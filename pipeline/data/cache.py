@@ -106,7 +106,8 @@ def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path
     hash_file = cache_file.with_suffix(".sha256")  # N x 32 bytes, in file order
     if cache_file.exists() and hash_file.exists():
         try:
-            images = np.load(cache_file)
+            # Memory-mapped (copy-on-write): workers on one machine share the pages of one file.
+            images = np.load(cache_file, mmap_mode="c")
             hashes = np.fromfile(hash_file, dtype=np.uint8).reshape(-1, 32)
             if len(hashes) == len(images) == len(paths):
                 return images, hashes, cache_file, True
@@ -115,16 +116,19 @@ def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path
         cache_file.unlink(missing_ok=True)  # unreadable cache: rebuild it
     images, hashes = decode_all(paths, image_size)
     _write_atomic(hash_file, hashes, raw=True)  # the hashes first: pixels without them are never a hit
-    _write_atomic(cache_file, images)
+    if _write_atomic(cache_file, images):
+        del images  # the file's pages from here on, not a private copy
+        images = np.load(cache_file, mmap_mode="c")
     return images, hashes, cache_file, False
 
 
-def _write_atomic(path: Path, array: np.ndarray, raw: bool = False) -> None:
+def _write_atomic(path: Path, array: np.ndarray, raw: bool = False) -> bool:
+    """Write ``path`` via a temporary file and a rename; False when the location is read-only."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
     except OSError:
-        return  # read-only cache location: run uncached rather than fail
+        return False  # read-only cache location: run uncached rather than fail
     try:
         with os.fdopen(fd, "wb") as handle:
             if raw:
@@ -135,3 +139,4 @@ def _write_atomic(path: Path, array: np.ndarray, raw: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return True

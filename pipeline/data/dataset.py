@@ -79,12 +79,15 @@ def ensure_default_data(cfg: DataConfig) -> None:
               f"in {summary.seconds:.1f}s")
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
+def load_dataset(cfg: DataConfig, labelled_only: bool = False) -> Dataset:
+    """Every split, decoded through the cache; ``labelled_only``: not an unlabelled test split (training
+    and its choices never read one, so ``tune`` does not decode it)."""
     start = time.perf_counter()
     ensure_default_data(cfg)
     index = index_dataset(cfg.root)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    splits = {name: _load_split(index, name, cfg.image_size, cache_dir) for name in index.splits}
+    names = [n for n, e in index.splits.items() if not (labelled_only and e.labels is None)]
+    splits = {name: _load_split(index, name, cfg.image_size, cache_dir) for name in names}
     shape = splits["train"].images.shape[1:]
     for split in splits.values():
         if split.images.shape[1:] != shape:
@@ -114,12 +117,15 @@ def _load_split(index: DatasetIndex, name: str, image_size: int | None, cache_di
 
 
 def content_digest(classes: tuple[str, ...], splits: dict[str, Split]) -> str:
-    """What the data is, not where: the classes, and per split the sorted (pixel hash, label) rows.
-    Equal for the same images and labels at any path, under any file names, in any row order;
-    different for any changed pixel, label or split membership."""
+    """What the labelled data is, not where: the classes, and per labelled split the sorted (pixel
+    hash, label) rows. Equal for the same images and labels at any path, under any file names, in any
+    row order; different for any changed pixel, label or split membership. An unlabelled test split
+    plays no part in training, choices or scores, so it is not part of the digest."""
     h = hashlib.sha256(("classes=" + ",".join(classes)).encode())
     for name in sorted(splits):
         split = splits[name]
+        if split.labels is None:
+            continue
         labels = split.labels.tolist() if split.labels is not None else [-1] * len(split)
         rows = sorted(f"{row.tobytes().hex()}:{label}" for row, label in zip(split.hashes, labels))
         h.update(f"|{name}:{len(rows)}|".encode() + "\n".join(rows).encode())

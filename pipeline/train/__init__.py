@@ -3,10 +3,10 @@ self-describing checkpoints (``checkpoint``) and the seeded build-and-fit every 
 (``recipe``). Imports neither MLflow nor Optuna."""
 
 from .device import DeviceError, autocast, bf16_supported, resolve_device, resolve_precision, synchronize
-from .loop import (EpochStats, FitResult, NonFiniteLossError, Report, class_weight_tensor, evaluate, fit,
+from .loop import (EpochStats, FitResult, NonFiniteLossError, Report, StopTraining, class_weight_tensor, evaluate, fit,
                    predict_logits, predict_probs, seed_everything, train_one_epoch)
 from .recipe import build_and_fit
 
 __all__ = ["DeviceError", "autocast", "bf16_supported", "resolve_device", "resolve_precision", "synchronize",
-           "EpochStats", "FitResult", "NonFiniteLossError", "Report", "class_weight_tensor", "evaluate", "fit",
+           "EpochStats", "FitResult", "NonFiniteLossError", "Report", "StopTraining", "class_weight_tensor", "evaluate", "fit",
            "predict_logits", "predict_probs", "seed_everything", "train_one_epoch", "build_and_fit"]

@@ -30,6 +30,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite: the configuration diverged."""
 
 
+class StopTraining(Exception):
+    """Raised by a report listener to end training after this epoch: ``fit`` returns what it has
+    (the best state so far), with the message as its stop reason (a time budget uses this)."""
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -52,7 +57,7 @@ class FitResult:
     train_seconds: float = 0.0
     images_per_second: float = 0.0
     data_fraction: float = 0.0
-    stop_reason: str = "max_epochs"  # max_epochs | early_stopping
+    stop_reason: str = "max_epochs"  # max_epochs | early_stopping | a listener's reason (e.g. the time budget)
     device: str = "cpu"
     precision: str = "fp32"
     epoch_stats: list[EpochStats] = field(default_factory=list)  # per epoch: images, seconds, data seconds
@@ -82,10 +87,11 @@ def _progress(iterable, enabled: bool, **kwargs):
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugmenter,
                     optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batch_size: int,
                     device: torch.device, precision: str, generator: torch.Generator,
-                    progress: bool = False) -> EpochStats:
+                    progress: bool = False, limit: int | None = None) -> EpochStats:
+    """One pass over the training images (over ``limit`` of them, drawn afresh, when given)."""
     model.train()
-    n = len(labels)
-    order = torch.randperm(n, generator=generator).to(images.device)
+    order = torch.randperm(len(labels), generator=generator)[:limit].to(images.device)
+    n = len(order)
     # Sums stay on the device: no host sync per batch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -182,7 +188,7 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
     for epoch in epochs:
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, train_x, train_y, augment, optimizer, loss_fn, cfg.batch_size,
-                                device, precision, generator, progress)
+                                device, precision, generator, progress, cfg.images_per_epoch)
         epoch_stats.append(stats)
         train_seconds += stats.seconds
         data_seconds += stats.data_seconds
@@ -201,7 +207,11 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         if hasattr(epochs, "set_postfix"):
             epochs.set_postfix(loss=f"{stats.loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{best_acc:.3f}")
         if report is not None:
-            report(epoch, row)
+            try:
+                report(epoch, row)
+            except StopTraining as stop:
+                stop_reason = str(stop) or "stopped by a listener"
+                break
         if epoch - best_epoch >= cfg.early_stop_patience:
             stop_reason = "early_stopping"
             break

@@ -6,6 +6,8 @@ runs. The network lives only in this frame: once ``fit`` returns or raises, it c
 
 from __future__ import annotations
 
+import torch
+
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data import Dataset
 from ..models import build_model
@@ -13,6 +15,11 @@ from .loop import FitResult, Report, fit, seed_everything
 
 
 def build_and_fit(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
-                  report: Report | None = None, progress: bool = False) -> FitResult:
+                  report: Report | None = None, progress: bool = False,
+                  initial_state: dict[str, torch.Tensor] | None = None) -> FitResult:
+    """``initial_state``: continue from these weights (a refit) instead of a fresh initialisation."""
     seed_everything(train_cfg.seed)  # weight init is part of the seeded run
-    return fit(build_model(model_cfg), data, data_cfg, train_cfg, report=report, progress=progress)
+    model = build_model(model_cfg)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    return fit(model, data, data_cfg, train_cfg, report=report, progress=progress)

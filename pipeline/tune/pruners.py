@@ -23,6 +23,9 @@ PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
     "median": lambda warmup, max_epochs: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup),
     "hyperband": lambda warmup, max_epochs: optuna.pruners.HyperbandPruner(min_resource=max(1, warmup),
                                                                            max_resource=max_epochs),
+    # asynchronous successive halving: rungs at 1, 3, 9... epochs (from the warm-up), a third goes on
+    "asha": lambda warmup, max_epochs: optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup),
+                                                                              reduction_factor=3),
     "none": lambda warmup, max_epochs: optuna.pruners.NopPruner(),
     "always": lambda warmup, max_epochs: AlwaysPruner(),
 }

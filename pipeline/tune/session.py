@@ -90,7 +90,7 @@ def open_session(preset: Preset, experiment: str | None = None, study_name: str 
         if message is None:
             raise
         raise TuneError(message) from None
-    roles = partition(load_dataset(preset.data), preset.data)
+    roles = partition(load_dataset(preset.data, labelled_only=True), preset.data)
     with storage_lock(url, f"session:{study_name}"):
         check_same_data(studies[preset.study.members[0]], roles.data.digest, roles.info.spec)
         experiment_id = tracking.ensure_experiment(client, experiment or preset.tracking.experiment)
