@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,11 @@ class Split:
         return len(self.ids)
 
     def subset(self, rows: np.ndarray, name: str | None = None) -> Split:
-        """The rows ``rows`` (in that order) as a split of their own."""
-        index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        """The rows ``rows`` (in that order) as a split of their own (no copy when that is every row)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == len(self) and (rows == np.arange(len(self))).all():
+            return replace(self, name=name or self.name)
+        index = torch.as_tensor(rows)
         return Split(name or self.name, self.images[index], None if self.labels is None else self.labels[index],
                      [self.ids[i] for i in rows], self.cache_file, self.cache_hit,
                      None if self.hashes is None else self.hashes[np.asarray(rows, dtype=np.int64)])
