@@ -9,10 +9,14 @@ from __future__ import annotations
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data import Dataset
 from ..models import build_model
-from .loop import FitResult, Report, fit, seed_everything
+from ..rng import global_draws
+from .loop import FitResult, Report, fit
 
 
 def build_and_fit(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
                   report: Report | None = None, progress: bool = False) -> FitResult:
-    seed_everything(train_cfg.seed)  # weight init is part of the seeded run
-    return fit(build_model(model_cfg), data, data_cfg, train_cfg, report=report, progress=progress)
+    # Weight init is part of the seeded run. nn.init draws from torch's global generator, so the
+    # network is built while this run holds it (seeded, then restored): threads cannot interleave.
+    with global_draws(train_cfg.seed):
+        model = build_model(model_cfg)
+    return fit(model, data, data_cfg, train_cfg, report=report, progress=progress)
