@@ -7,6 +7,8 @@ study goes on. ``tune`` is the only caller. Kinds:
 - ``cuda_oom``: ``torch.OutOfMemoryError`` raised from inside ``fit`` (at the first epoch report,
   while the model and optimiser are alive), as a GPU that runs out of memory would.
 - ``artifact_failure``: an ``OSError`` where the trial logs its checkpoint and predictions.
+- ``slow_tracking``: a pause of three heartbeat intervals where the finished trial is being closed
+  (before its state is told), as a tracking server that answers slowly would cause.
 
 A non-finite loss needs no hook: an enqueued trial with an absurd learning rate diverges for real.
 Never set this variable outside tests.
@@ -15,9 +17,10 @@ Never set this variable outside tests.
 from __future__ import annotations
 
 import os
+import time
 
 ENV = "DEEPFAKE_TUNE_FAULT"
-KINDS = ("cuda_oom", "artifact_failure")
+KINDS = ("cuda_oom", "artifact_failure", "slow_tracking")
 
 
 def armed(kind: str, arch: str, trial: int) -> bool:
@@ -27,9 +30,13 @@ def armed(kind: str, arch: str, trial: int) -> bool:
     return False
 
 
-def inject(kind: str, arch: str, trial: int) -> None:
-    """Raise the fault ``kind`` if the environment arms it for this trial."""
+def inject(kind: str, arch: str, trial: int, seconds: float = 0.0) -> None:
+    """Raise (or, for ``slow_tracking``, wait ``seconds`` for) the fault ``kind`` if the environment
+    arms it for this trial."""
     if not armed(kind, arch, trial):
+        return
+    if kind == "slow_tracking":
+        time.sleep(seconds)
         return
     where = f"(injected by {ENV} for {arch} trial {trial})"
     if kind == "cuda_oom":

@@ -15,6 +15,11 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# One intra-op thread per process (set before torch is imported; subprocesses inherit it): the tests'
+# networks are tiny, and on 2 cores shared with worker subprocesses or other jobs, spinning OpenMP
+# threads made the same epochs up to 5x slower than one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 TINY_CLASSES = 5
 TINY_SIZE = 16
@@ -105,6 +110,23 @@ def make_imagefolder_dataset(root: Path, classes: tuple[str, ...] = ("real", "ga
     return root
 
 
+def make_learnable(root: Path, per_class: int = 24, val_per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """Five classes told apart by a colour cast under heavy noise: a small CNN learns it in a few epochs."""
+    rng = np.random.default_rng(seed)
+    casts = np.array([[60, 0, 0], [0, 60, 0], [0, 0, 60], [60, 60, 0], [0, 60, 60]])
+    for split, n in (("train", per_class), ("validation", val_per_class), ("test", 4)):
+        rows = []
+        for label in range(5):
+            for i in range(n):
+                image_id = f"{split[:2]}{label}{i:03d}"
+                noise = rng.integers(0, 160, (size, size, 3))
+                write_png(root / split / f"{image_id}.png", np.clip(noise + casts[label], 0, 255))
+                rows.append((image_id, label))
+        rng.shuffle(rows)
+        write_csv(root / f"{split}.csv", rows)
+    return root
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     """A valid competition-layout dataset (5 classes, 16x16 RGB, 15/5/4 images); returns its root."""
@@ -128,6 +150,31 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 
 # ------------------------------------------------------------------ end-to-end helpers
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store whose schema is created once per session. Migrating a fresh SQLite store
+    takes 3-8 s here, most of a small test, so tests start from a copy of this one (``seed_store``);
+    the tests of schema creation itself (workers started at once on nothing) do not."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{path}", f"sqlite:///{path}")
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
+    return path
+
+
+def seed_store(template: Path, folder: Path) -> str:
+    """``folder/mlflow.db`` as a copy of the template store (unless it exists); returns its URI."""
+    import shutil
+
+    target = Path(folder) / "mlflow.db"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(template, target)
+    return f"sqlite:///{target}"
+
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -181,13 +228,37 @@ class Tuned:
                             raising=False)
 
 
+def mlflow_run(entry: str, params: dict[str, str], workdir: Path, timeout: float = 600):
+    """``mlflow run <project> -e ENTRY --env-manager local --experiment-name deepfake -P k=v …`` in
+    ``workdir``, as the README shows; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = cli_env(workdir)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # mlflow runs `python` from here
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(PROJECT_DIR), "-e", entry, "--env-manager",
+           "local", "--experiment-name", "deepfake", *[x for k, v in params.items() for x in ("-P", f"{k}={v}")]]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"mlflow run -e {entry} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
 @pytest.fixture(scope="session")
-def tuned(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
-    """One tiny end-to-end ``tune`` (2 members x 2 trials x 2 epochs, 32 px, one pruned trial per
-    member), shared by every test that needs tuning results or a registered model."""
+def tuned(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Tuned:
+    """One tiny end-to-end tuning session through ``mlflow run . -e tune`` (the launcher's run becomes
+    the parent): 2 members x 2 trials x 2 epochs at 32 px (one conv per block: half the cost), the two
+    trials of a member at once in threads (``n_jobs 2``), every voting rule searched over the 2 x 2
+    pairs (``ensemble_method best``). Shared by every test that needs tuning results or a registered
+    model; nothing relies on its accuracy."""
+    from pipeline.data.synth import synthesize
+
     workdir = tmp_path_factory.mktemp("tuned")
+    seed_store(mlflow_template, workdir)
     data = workdir / "data"
-    run_cli(["data", "synth", "--out", str(data), "--preset", "tiny", "--seed", "1"], workdir)
-    proc = run_cli(["tune", "--config", "tiny", "--data", str(data), "--study", "e2e", "--pruner", "always",
-                    "--storage", f"sqlite:///{workdir / 'optuna.db'}", "--no-progress"], workdir)
+    synthesize(data, "tiny", 1)
+    proc = mlflow_run("tune", {"config": "tiny", "data": str(data), "study": "e2e", "n_jobs": "2",
+                               "ensemble_method": "best", "augment": "geometric", "convs_per_block": "1",
+                               "storage": f"sqlite:///{workdir / 'optuna.db'}", "no_progress": "true"}, workdir)
     return Tuned(workdir, data, proc.stdout + proc.stderr)

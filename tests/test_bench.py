@@ -14,13 +14,12 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from conftest import run_cli
+from workers import tracking_here  # noqa: F401 - fixture
 from pipeline.bench import SECTIONS, run_bench
 from pipeline.config import load_preset
 from pipeline.data.augment import BatchGeometric
 from pipeline.data.synth import synthesize
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +35,24 @@ def _positive(value, where: str) -> None:
     assert math.isfinite(value) and value > 0, f"{where} = {value}"
 
 
+@pytest.mark.slow  # ~20-35 s: every section for real, the reference loop with its DataLoader worker processes
 def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
+    # cnn_v1 and deepfakenet (0.6 M parameters each): any two architectures exercise every section.
     preset = load_preset("tiny")
     preset = replace(preset, data=replace(preset.data, root=str(tiny_synth), cache_dir=str(tmp_path / "cache")),
                      train=replace(preset.train, precision="auto"))
     search_data = replace(preset.data, augment="none")
     json_path = tmp_path / "out" / "bench.json"
     lines: list[str] = []
-    out = run_bench(preset, epochs=1, archs="cnn_v1,cnn_v2", search_trials=3, json_path=str(json_path),
+    out = run_bench(preset, epochs=1, archs="cnn_v1,deepfakenet", search_trials=3, json_path=str(json_path),
                     max_train=32, search_epochs=2, search_max_train=40, search_data=search_data, matmul_size=128,
                     inference_reps=1, print_fn=lines.append)
 
     line = json.loads(lines[-1])  # the last printed line is the JSON line, identical to the file
     assert line == json.loads(json_path.read_text())
-    assert line["settings"]["archs"] == ["cnn_v1", "cnn_v2"] and line["data"]["train_used"] == 32
+    assert line["settings"]["archs"] == ["cnn_v1", "deepfakenet"] and line["data"]["train_used"] == 32
 
-    for arch in ("cnn_v1", "cnn_v2"):
+    for arch in ("cnn_v1", "deepfakenet"):
         fig = line["training"][arch]
         for path in ("reference", "ours"):
             for key in ("train_images_per_second", "eval_images_per_second", "train_seconds"):
@@ -69,7 +70,7 @@ def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
     _positive(line["data"]["cache_build_seconds"], "cache_build_seconds")
 
     inference = line["inference"]
-    assert inference["members"] == ["cnn_v1", "cnn_v2"] and inference["images"] == 50
+    assert inference["members"] == ["cnn_v1", "deepfakenet"] and inference["images"] == 50
     for key in ("pyfunc_images_per_second", "members_raw_images_per_second", "decode_images_per_second", "ratio"):
         _positive(inference[key], f"inference.{key}")
 
@@ -81,7 +82,7 @@ def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
         assert 0.0 < s["final_best"] <= 1.0 and len(s["trace"]) == s["total_epochs"]
     _positive(search["epoch_ratio"], "search.epoch_ratio")
 
-    assert set(line["targets"]) >= {"cnn_v1_train_speedup_3x", "cnn_v2_data_fraction_below_10pct", "all_met",
+    assert set(line["targets"]) >= {"cnn_v1_train_speedup_3x", "deepfakenet_data_fraction_below_10pct", "all_met",
                                      "inference_ratio_80pct", "pruning_half_epochs", "pruning_keeps_best_within_1pt"}
     assert all(isinstance(v, bool) for v in line["targets"].values())
     assert any(l.startswith("figure") for l in lines)  # the table
@@ -132,9 +133,20 @@ def test_batched_geometric_draws_like_the_v2_transforms() -> None:
     assert ys[:, [0, 1]].max() < bound and ys[:, [2, 3]].min() >= 100 - bound
 
 
-def test_cli_bench_prints_the_json_line(tiny_synth: Path, tmp_path: Path) -> None:
-    proc = run_cli(["bench", "--data", str(tiny_synth), "--config", "tiny", "--skip",
-                    "reference,ours,inference,search", "--json", str(tmp_path / "b.json")], tmp_path, timeout=300)
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_cli_bench_prints_the_json_line_and_logs_to_its_experiment(tiny_synth: Path, tmp_path: Path, tracking_here,
+                                                                  capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main
+
+    assert main(["bench", "--data", str(tiny_synth), "--config", "tiny", "--skip", "reference,ours,inference,search",
+                 "--json", str(tmp_path / "b.json"), "--experiment", "benchmarks"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == json.loads((tmp_path / "b.json").read_text())
     _positive(line["ceiling"]["matmul_fp32_flops"], "matmul_fp32_flops")
+    # --experiment is honoured: one bench run there, holding the figures.
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["kind"] == "bench" and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["bench.skip"] == "reference,ours,inference,search"
+    assert any(key.startswith("ceiling") for key in runs[0].data.metrics)

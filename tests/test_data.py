@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +35,6 @@ from pipeline.config import DataConfig
 from pipeline.data import BatchAugmenter, DataError, Normalizer, load_dataset, summarize
 from pipeline.data.augment import NORMALIZATION, POLICIES, build_policy
 
-torch.set_num_threads(2)
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every decode.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -138,13 +135,14 @@ def test_imagefolder_layout_sorted_classes_and_flat_test(tmp_path: Path, tiny_im
         assert tuple(split.images.shape) == (n, 3, TINY_SIZE, TINY_SIZE)
         assert split.images.dtype == torch.uint8
         for i, image_id in enumerate(split.ids):
-            class_name = image_id.split("-")[0]  # the fixture names files <class>-<serial>.png
+            class_name, file_name = image_id.split("/")  # the id is the path under the split folder
+            assert file_name.startswith(f"{class_name}-") and file_name.endswith(".png")  # <class>-<serial>.png
             assert ds.classes[int(split.labels[i])] == class_name
-            np.testing.assert_array_equal(split.images[i].numpy(),
-                                          pixels(root / name / class_name / f"{image_id}.png"))
+            np.testing.assert_array_equal(split.images[i].numpy(), pixels(root / name / image_id))
         assert split.counts(TINY_CLASSES) == [TINY_COUNTS[name]] * TINY_CLASSES
     assert ds.test is not None and ds.test.labels is None
     assert len(ds.test) == TINY_TEST and tuple(ds.test.images.shape[1:]) == (3, TINY_SIZE, TINY_SIZE)
+    assert ds.test.ids == sorted(p.name for p in (root / "test").iterdir())  # flat: the file name
 
 
 def test_imagefolder_test_by_class_is_labelled_and_jpg_is_read(tmp_path: Path) -> None:
@@ -154,9 +152,35 @@ def test_imagefolder_test_by_class_is_labelled_and_jpg_is_read(tmp_path: Path) -
     ds = load_dataset(config(root, tmp_path / "cache"))
     assert ds.test is not None and ds.test.labels is not None
     assert ds.test.labels.tolist() == [i % 5 for i in range(TINY_TEST)]
-    assert "extra" in ds.train.ids
-    assert int(ds.train.labels[ds.train.ids.index("extra")]) == ds.classes.index("c")
+    assert "c/extra.jpg" in ds.train.ids
+    assert int(ds.train.labels[ds.train.ids.index("c/extra.jpg")]) == ds.classes.index("c")
     assert len(ds.train) == N_TRAIN + 1
+
+
+def test_imagefolder_class_folders_may_reuse_file_names(tmp_path: Path) -> None:
+    """``train/coat/0.png`` and ``train/dress/0.png``, as most ImageFolder datasets name them (and
+    torchvision's ``ImageFolder`` reads): ids are paths under the split, so nothing collides."""
+    root = tmp_path / "clothes"
+    rng = np.random.default_rng(12)
+    classes = ("coat", "dress", "shirt", "shoe", "bag")
+    written: dict[str, dict[str, np.ndarray]] = {}
+    for split, n in (("train", 2), ("validation", 1)):
+        written[split] = {}
+        for name in classes:
+            for k in range(n):
+                image = random_image(rng)
+                write_png(root / split / name / f"{k}.png", image)
+                written[split][f"{name}/{k}.png"] = image
+    write_png(root / "test" / "0.png", random_image(rng))  # a flat test folder reusing the name too
+    ds = load_dataset(config(root, tmp_path / "cache"))
+    assert ds.classes == tuple(sorted(classes))
+    assert ds.train.ids == [f"{name}/{k}.png" for name in sorted(classes) for k in range(2)]
+    assert ds.validation.ids == [f"{name}/0.png" for name in sorted(classes)]
+    for split in (ds.train, ds.validation):
+        for i, image_id in enumerate(split.ids):
+            assert ds.classes[int(split.labels[i])] == image_id.split("/")[0]
+            np.testing.assert_array_equal(split.images[i].numpy(), written[split.name][image_id].transpose(2, 0, 1))
+    assert ds.test.ids == ["0.png"]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P"])
@@ -395,14 +419,6 @@ def _ifold_empty_class(root: Path) -> tuple[str, list[str]]:
     return "train", [str(root / "train"), "class(es) zzz ", "no training images"]
 
 
-def _ifold_duplicate(root: Path) -> tuple[str, list[str]]:
-    first = root / "train" / "gan" / "same.png"
-    second = root / "train" / "real" / "same.png"
-    write_png(first, random_image(np.random.default_rng(9)))
-    write_png(second, random_image(np.random.default_rng(10)))
-    return "train", [str(first), str(second), "duplicate", "'same'"]
-
-
 def _ifold_nested(root: Path) -> tuple[str, list[str]]:
     folder = root / "train" / "morph" / "more"
     write_png(folder / "m.png", random_image(np.random.default_rng(11)))
@@ -431,7 +447,6 @@ IMAGEFOLDER_CASES: dict[str, Breaker] = {
     "notes-txt-in-class-folder": _ifold_notes,
     "validation-class-not-in-train": _ifold_unknown_val_class,
     "class-without-train-images": _ifold_empty_class,
-    "duplicate-id-across-classes": _ifold_duplicate,
     "nested-folder": _ifold_nested,
     "corrupt-png": _ifold_corrupt,
     "text-named-png": _ifold_text_as_png,
@@ -596,6 +611,26 @@ def test_mixing_gives_soft_labels(batch, mix: dict[str, float]) -> None:
     assert torch.equal(out, again_x) and torch.equal(labels, again_y)
 
 
+@pytest.mark.parametrize("policy, mix", [("geometric", {}), ("color", {"cutmix_alpha": 1.0, "mixup_alpha": 0.4})],
+                         ids=["geometric", "color-mix"])
+def test_a_runs_augmentation_draws_only_from_its_own_generators(batch, policy: str, mix: dict[str, float]) -> None:
+    """With a run's generators (``fit`` passes them), the output depends on the run's seed alone, and
+    torch's global generator is neither read nor moved: runs in threads cannot disturb each other."""
+    from pipeline.rng import RunRandom
+
+    x, y = batch
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.random.get_rng_state()
+        aug = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, group_size=4, random=RunRandom(5), **mix)
+        outs.append(aug(x.clone(), y.clone()))
+        assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    other = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, group_size=4, random=RunRandom(6), **mix)
+    assert not torch.equal(other(x.clone(), y.clone())[0], outs[0][0])
+
+
 def test_mixing_a_single_image_batch_is_one_hot(batch) -> None:
     x, y = batch
     out, labels = augment("none", x[:1], y[:1], seed=0, cutmix_alpha=1.0, mixup_alpha=1.0)
@@ -634,36 +669,40 @@ def test_unknown_policy_or_normalisation_is_rejected() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEEPFAKE_TUNE_CACHE": str(cache), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=180)
+def test_cli_data_inspect(tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import signal
 
+    from pipeline.cli import main
 
-def test_cli_data_inspect(tmp_path: Path, tiny_dataset: Path) -> None:
     cache = tmp_path / "cli-cache"
     work = tmp_path / "cwd"
     work.mkdir()
-    done = run_cli(["data", "inspect", "--data", str(tiny_dataset)], work, cache)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
-    assert re.search(rf"^train\s+{N_TRAIN} images", out, re.M), out
-    assert re.search(rf"^validation\s+{N_VAL} images", out, re.M), out
-    assert re.search(rf"^test\s+{TINY_TEST} images\s+\[unlabelled\]", out, re.M), out
-    assert f"{TINY_SIZE}x{TINY_SIZE}" in out
-    assert str(cache) in out
-    assert len(list(cache.glob("train-*.npy"))) == 1
-    assert list(work.iterdir()) == []  # nothing written to the working directory
+    monkeypatch.setenv("DEEPFAKE_TUNE_CACHE", str(cache))
+    monkeypatch.chdir(work)
+    handler = signal.getsignal(signal.SIGTERM)  # main installs its own
+    try:
+        assert main(["data", "inspect", "--data", str(tiny_dataset)]) == 0
+        out = capsys.readouterr().out
+        assert re.search(rf"^train\s+{N_TRAIN} images", out, re.M), out
+        assert re.search(rf"^validation\s+{N_VAL} images", out, re.M), out
+        assert re.search(rf"^test\s+{TINY_TEST} images\s+\[unlabelled\]", out, re.M), out
+        assert f"{TINY_SIZE}x{TINY_SIZE}" in out
+        assert str(cache) in out
+        assert len(list(cache.glob("train-*.npy"))) == 1
+        assert list(work.iterdir()) == []  # nothing written to the working directory
 
-    bad = tiny_dataset / "validation" / f"{row_of(tiny_dataset, 'validation', 1)[0]}.png"
-    bad.write_text("not a png")
-    failed = run_cli(["data", "inspect", "--data", str(tiny_dataset)], work, cache)
-    assert failed.returncode != 0
-    assert str(bad) in failed.stderr
-    assert "Traceback" not in failed.stderr
-    assert list(cache.glob("*.partial")) == []
-    assert len(list(cache.glob("validation-*.npy"))) == 1  # only the first run's valid one
-    assert list(work.iterdir()) == []
+        bad = tiny_dataset / "validation" / f"{row_of(tiny_dataset, 'validation', 1)[0]}.png"
+        bad.write_text("not a png")
+        assert main(["data", "inspect", "--data", str(tiny_dataset)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(bad) in err and len(err.strip().splitlines()) == 1
+        assert list(cache.glob("*.partial")) == []
+        assert len(list(cache.glob("validation-*.npy"))) == 1  # only the first run's valid one
+        assert list(work.iterdir()) == []
+        with pytest.raises(SystemExit):  # data inspect draws no progress bars, so takes no such flag
+            main(["data", "inspect", "--data", str(tiny_dataset), "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ PACKAGE = PROJECT_DIR / "pipeline"
 
 # Data flow, in import order: a module may import its own stage and the stages before it.
 STAGES = ["config", "data", "models", "train", "tracking", "ensemble", "registry", "tune", "commands", "bench", "cli"]
-LEAVES = {"pipeline.metric_names", "pipeline.interrupt", "pipeline.faults", "pipeline.ensemble.rules",
+LEAVES = {"pipeline.metric_names", "pipeline.interrupt", "pipeline.faults", "pipeline.rng", "pipeline.ensemble.rules",
           "pipeline.ensemble"}  # import nothing of the package (the ensemble package's __init__ neither): free to import
 NO_TRACKING_OR_SEARCH = ("pipeline.config", "pipeline.data", "pipeline.models", "pipeline.train")
 
@@ -187,7 +187,8 @@ TODAYS_PARAMETERS = {
     "tune": "augment config data device ensemble_method epochs experiment image_size members model_name n_jobs "
             "no_progress normalize precision pruner seed setup_only storage study trials",
     "promote": "config data device dry_run experiment force min_gain model_name split",
-    "predict": "batch_size config data device experiment model_name model_uri no_progress out probabilities split",
+    # experiment: predict writes a CSV and logs no run, so the flag did nothing (removed in #14).
+    "predict": "batch_size config data device model_name model_uri no_progress out probabilities split",
     "bench": "archs config data device epochs experiment image_size json search_trials skip",
 }
 
@@ -196,6 +197,19 @@ TODAYS_PARAMETERS = {
 def test_todays_parameter_names_keep_working(entry):
     spec = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())["entry_points"][entry]
     assert set(TODAYS_PARAMETERS[entry].split()) <= set(spec["parameters"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--image-size", "64"],  # the registered model resizes its input itself
+    ["promote", "--image-size", "64"],
+    ["predict", "--cache-dir", "/tmp/c"],  # image bytes go to the model (promote finds its audit images in the cache)
+    ["predict", "--experiment", "x"],  # predict writes a CSV, logs no run
+    ["data", "inspect", "--no-progress"],  # draws no progress bars
+], ids=lambda argv: " ".join(argv[:-1] if len(argv) > 2 and argv[-1] != "--no-progress" else argv))
+def test_a_flag_a_command_does_not_use_is_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_a_flag_for_a_searched_setting_is_refused(capsys):

@@ -19,7 +19,6 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.models import MODELS, VGG16, arch_args, build_model, count_parameters, load_pretrained
 
-torch.set_num_threads(2)
 
 ARCHS = list(MODELS)
 BLOCK_ARCHS = [a for a in ARCHS if "convs_per_block" in arch_args(a)]

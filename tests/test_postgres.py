@@ -61,7 +61,9 @@ def _strings(value) -> str:
 def test_two_workers_on_postgresql_and_an_mlflow_server(postgres, tracking_server, small_data, tmp_path):
     """README's scale-out recipe on one machine: setup once, then two workers; same guarantees as SQLite,
     and the database password appears in no param, tag, attribute or output."""
-    preset = write_preset(tmp_path / "preset.yaml", small_data, members=("cnn_v1", "cnn_v2"), trials=2)
+    # One member, 3 trials for 2 workers: the same admission race as the SQLite test's two members, at
+    # a third of the cost (cnn_v2 trains 4x slower than cnn_v1).
+    preset = write_preset(tmp_path / "preset.yaml", small_data, members=("cnn_v1",), trials=3)
     storage = postgres.url("optuna")
     env = {"MLFLOW_TRACKING_URI": tracking_server.url}
     setup = subprocess.run(tune_args(preset, "scale", storage, "--setup-only"), cwd=tmp_path,
@@ -75,8 +77,8 @@ def test_two_workers_on_postgresql_and_an_mlflow_server(postgres, tracking_serve
     assert [w.returncode for w in workers] == [0, 0], outs
 
     client = MlflowClient(tracking_uri=tracking_server.url, registry_uri=tracking_server.url)
-    studies = ["scale.cnn_v1", "scale.cnn_v2"]
-    session = assert_one_session(client, storage, studies, 2)
+    studies = ["scale.cnn_v1"]
+    session = assert_one_session(client, storage, studies, 3)
     assert session["parent"].info.status == "FINISHED"
     assert session["parent"].data.params["session.storage"] == postgres.url("optuna", password="***")
     versions = client.search_model_versions("name='deepfake-ensemble'")
@@ -95,6 +97,6 @@ def test_two_workers_on_postgresql_and_an_mlflow_server(postgres, tracking_serve
     for name in studies:
         study = optuna.load_study(study_name=name, storage=storage)
         assert secret not in _strings([study.user_attrs, [t.user_attrs for t in load_trials(storage, name)]])
-    print(f"\nPostgreSQL + mlflow server: 2 workers x 2 members x 2 trials: "
+    print(f"\nPostgreSQL + mlflow server: 2 workers x 1 member x 3 trials: "
           f"{sum(len(load_trials(storage, n)) for n in studies)} trials, {len(session['trial_runs'])} trial runs, "
           f"1 parent, {len(versions)} model version, trials ran in {len(workers_seen)} worker(s), {seconds:.0f} s")

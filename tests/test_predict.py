@@ -3,13 +3,14 @@ predictions, and the dataset layer's rules for bad input (clear error, no partia
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import read_csv_rows, run_cli, write_csv
+from conftest import read_csv_rows, write_csv
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError
@@ -121,11 +122,51 @@ def test_unknown_model_uri_is_a_clear_error(tuned, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("s.csv*"))
 
 
-def test_predict_cli_writes_the_submission(tuned, tmp_path):
+def test_predict_cli_writes_the_submission(tuned, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from pipeline.cli import main
+
+    tuned.use(monkeypatch)
     out = tmp_path / "sub.csv"
-    proc = run_cli(["predict", "--data", str(tuned.data), "--model-uri", CHALLENGER_URI, "--out", str(out),
-                    "--probabilities", "--batch-size", "20", "--no-progress"], tuned.workdir,
-                   DEEPFAKE_TUNE_CACHE=str(tmp_path / "cache"))
-    assert "50 rows" in proc.stdout and "images/s" in proc.stdout
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(["predict", "--data", str(tuned.data), "--model-uri", CHALLENGER_URI, "--out", str(out),
+                     "--probabilities", "--batch-size", "20", "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    stdout = capsys.readouterr().out
+    assert code == 0 and "50 rows" in stdout and "images/s" in stdout
     rows = read_csv_rows(out)
     assert [r["image_id"] for r in rows] == _test_ids(tuned.data) and "prob_4" in rows[0]
+
+
+def test_imagefolder_submission_ids_are_paths_under_the_split(tuned, pyfunc, tmp_path, monkeypatch):
+    """Class folders that reuse file names (``test/coat/0.png``, ``test/dress/0.png``), PNG and JPEG,
+    at another size than the members were trained at: one row per file, the id its path under the
+    split, the label the model's answer for those bytes."""
+    from PIL import Image
+
+    tuned.use(monkeypatch)
+    model, _, blobs = pyfunc
+    root = tmp_path / "clothes"
+    classes = ("bag", "coat", "dress", "shirt", "shoe")
+    for split in ("train", "validation", "test"):
+        for k, name in enumerate(classes):
+            for i in range(2):
+                picture = Image.open(io.BytesIO(blobs[2 * k + i])).convert("RGB").resize((24, 24))
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                picture.save(folder / (f"{i}.jpg" if i else f"{i}.png"))
+    out = tmp_path / "submission.csv"
+    result = write_submission(DataConfig(root=str(root)), CHALLENGER_URI, out, progress=False)
+    rows = read_csv_rows(out)
+    ids = [r["image_id"] for r in rows]
+    assert ids == [f"{name}/{f}" for name in classes for f in ("0.png", "1.jpg")]
+    expected = model.predict(pd.DataFrame({"image": [(root / "test" / i).read_bytes() for i in ids]}))
+    assert [int(r["label"]) for r in rows] == expected["label"].tolist()
+    assert result.rows == 10 and result.accuracy is not None  # labelled by class folder
+    bad = root / "test" / "dress" / "0.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=str(bad)):  # errors name the file, hence the id
+        write_submission(DataConfig(root=str(root)), CHALLENGER_URI, out, progress=False)

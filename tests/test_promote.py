@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import read_csv_rows, run_cli, write_csv
+from conftest import read_csv_rows, write_csv
 from mlflow.tracking import MlflowClient
 
 from pipeline import metric_names as M
@@ -262,10 +262,16 @@ def test_unlabelled_split_and_missing_challenger_are_clear_errors(tuned, templat
         promote(DataConfig(root=str(data)), "nothing")
 
 
-def test_promote_cli(template, tmp_path):
-    shutil.copy2(template.db, tmp_path / "mlflow.db")
-    proc = run_cli(["promote", "--data", str(template.challenger_wins), "--experiment", EXPERIMENT,
-                    "--min-gain", "0.5", "--no-progress"], tmp_path)
-    assert f"promoted {NAME} v{template.challenger} to @champion" in proc.stdout
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert str(MlflowClient(uri, uri).get_model_version_by_alias(NAME, "champion").version) == template.challenger
+def test_promote_cli(template, store, tmp_path, capsys):
+    import signal
+
+    from pipeline.cli import main
+
+    handler = signal.getsignal(signal.SIGTERM)  # main installs its own
+    try:
+        code = main(["promote", "--data", str(template.challenger_wins), "--experiment", EXPERIMENT,
+                     "--min-gain", "0.5", "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert code == 0 and f"promoted {NAME} v{template.challenger} to @champion" in capsys.readouterr().out
+    assert str(store.get_model_version_by_alias(NAME, "champion").version) == template.challenger

@@ -13,11 +13,13 @@ import gc
 import os
 import signal
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from conftest import seed_store
 from workers import (assert_one_session, finish, load_trials, mid_trial, session_runs, small_data,  # noqa: F401
                      start_worker, tracking_here, tune_args, wait_for, write_preset)
 
@@ -43,7 +45,10 @@ def _closed_port() -> int:
     ("postgresql+psycopg2://tuner:s3cret-pw@127.0.0.1:{port}/optuna", "Connection refused"),
     ("sqlite:///{tmp}/missing-folder/optuna.db", "does not exist"),
     ("optuna.db", "is not a storage URL"),
-], ids=["postgres-down", "sqlite-missing-folder", "not-a-url"])
+    # No lock for admission there: refused up front rather than run with budgets that are not exact.
+    ("mysql+pymysql://tuner:s3cret-pw@127.0.0.1/optuna", "only SQLite files (sqlite:///path/optuna.db) and PostgreSQL"),
+    ("sqlite:///:memory:", "only SQLite files"),
+], ids=["postgres-down", "sqlite-missing-folder", "not-a-url", "mysql-unsupported", "sqlite-in-memory"])
 def test_a_wrong_storage_url_fails_before_any_training(storage, expected, small_data, tmp_path, tracking_here,
                                                        capsys):
     from pipeline.cli import main
@@ -61,21 +66,44 @@ def test_a_wrong_storage_url_fails_before_any_training(storage, expected, small_
     assert session_runs(MlflowClient()) == []  # nothing started, not even the parent run
 
 
-def test_an_unreachable_tracking_server_fails_fast_with_one_line(small_data, tmp_path, tracking_here, capsys):
+# Every command that talks to the tracking store, with arguments that are otherwise fine.
+TRACKING_COMMANDS = {
+    "train": ["train", "--epochs", "1"],
+    "baseline": ["baseline"],
+    "tune": ["tune", "--config", "{preset}", "--study", "s", "--storage", "sqlite:///{tmp}/optuna.db"],
+    "promote": ["promote"],
+    "predict": ["predict", "--out", "{tmp}/submission.csv"],
+    "bench": ["bench", "--skip", "reference,ours,ceiling,inference,search"],
+}
+
+
+@pytest.mark.parametrize("store", ["unreachable-server", "unsupported-uri"])
+@pytest.mark.parametrize("command", list(TRACKING_COMMANDS))
+def test_every_command_ends_a_tracking_problem_with_one_line(command, store, small_data, tmp_path, tracking_here,
+                                                              capsys):
+    """An unreachable tracking server (MLflow would back off for minutes) and a URI MLflow cannot use
+    (it raises its own exception): one ``error:`` line, exit 2, no traceback, no password, nothing
+    trained or written."""
     from pipeline.cli import main
 
-    tracking_here(f"http://tuner:s3cret-pw@127.0.0.1:{_closed_port()}")
+    uri = {"unreachable-server": f"http://tuner:s3cret-pw@127.0.0.1:{_closed_port()}",
+           "unsupported-uri": "foo://tuner:s3cret-pw@somewhere"}[store]
+    tracking_here(uri)
     preset = write_preset(tmp_path / "preset.yaml", small_data)
+    args = [a.format(preset=preset, tmp=tmp_path) for a in TRACKING_COMMANDS[command]]
+    if "--config" not in args:
+        args += ["--data", str(small_data)]
+    before = sorted(tmp_path.iterdir())
     started = time.monotonic()
-    code = main(["tune", "--config", str(preset), "--study", "bad", "--storage",
-                 f"sqlite:///{tmp_path / 'optuna.db'}", "--no-progress"])
+    code = main(args)
     out = capsys.readouterr()
-    assert code == 2
-    assert time.monotonic() - started < 60  # MLflow's own back-off would take minutes
+    assert code == 2, out.err
+    assert time.monotonic() - started < 60
     lines = [line for line in out.err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "unreachable (Connection refused)" in lines[0], out.err
-    assert "s3cret-pw" not in out.out + out.err and "tuner:***@" in lines[0]
-    assert not (tmp_path / "optuna.db").exists()  # the storage was not even created
+    expected = "unreachable (Connection refused)" if store == "unreachable-server" else "foo"
+    assert len(lines) == 1 and expected in lines[0], out.err
+    assert "Traceback" not in out.err and "s3cret-pw" not in out.out + out.err and "tuner:***@" in lines[0]
+    assert sorted(tmp_path.iterdir()) == before  # no storage, no CSV, nothing half-written
 
 
 def _live_models() -> int:
@@ -116,35 +144,132 @@ def test_cuda_oom_fails_the_trial_releases_its_memory_and_the_study_goes_on(smal
     assert "trial 0 of oom.cnn_v1 failed: CUDA out of memory" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------ faults inside trials, end to end
+# ------------------------------------------------------------------ in-process: how a trial is told
 
-@pytest.mark.slow
-def test_a_diverging_trial_and_a_failed_artifact_upload_cost_one_trial_each(small_data, tmp_path):
-    """Trial 0 diverges for real (an enqueued lr of 1e30 makes the loss NaN); trial 1's artifact
-    upload fails (test hook). Both end FAILED with the reason; the study reaches its budget and the
-    ensemble is registered."""
-    preset = write_preset(tmp_path / "preset.yaml", small_data)
+class OtherWorker:
+    """What every other worker does when it admits a trial: fail the trials whose heartbeat is stale
+    (older than the 2 s grace) and re-queue them, here every 0.2 s, through its own storage."""
+
+    def __init__(self, storage: str, study: str):
+        import threading
+
+        from pipeline.tune.session import MAX_RETRY
+        from pipeline.tune.storage import open_storage
+
+        self.study = optuna.load_study(study_name=study, storage=open_storage(storage, 1, MAX_RETRY))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.is_set():
+            optuna.storages.fail_stale_trials(self.study)
+            self.stop.wait(0.2)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def _session(preset_path: Path, study: str, storage: str):
+    from pipeline import tune
+    from pipeline.config import load_preset
+
+    return tune.open_session(load_preset(str(preset_path)), "deepfake", study, storage)
+
+
+def test_failed_trials_cost_one_trial_each_and_are_never_retried_even_on_a_slow_tracking_server(
+        small_data, tmp_path, tracking_here, monkeypatch, capsys):
+    """Trial 0 diverges for real (an enqueued lr of 1e30 makes the loss NaN) and closing it takes 3 s,
+    longer than the 2 s grace (a slow tracking server: test hook), while another worker keeps
+    failing stale trials; trial 1's artifact upload fails (test hook). The heartbeat beats until a
+    trial is told, so nobody takes them for lost: each is FAIL once with its reason, never re-queued
+    (a diverging configuration would diverge again), and the study goes on to its budget."""
+    from pipeline import tune
+
+    monkeypatch.setenv("DEEPFAKE_TUNE_FAULT", "slow_tracking@cnn_v1#0,artifact_failure@cnn_v1#1")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = optuna.create_study(study_name="faults.cnn_v1", storage=storage, direction="maximize")
-    study.enqueue_trial({"lr": 1e30})  # outside the space on purpose: a user's bad guess
-    log = tmp_path / "tune.log"
-    proc = start_worker(tune_args(preset, "faults", storage), tmp_path, log,
-                        DEEPFAKE_TUNE_FAULT="artifact_failure@cnn_v1#1")
-    out = finish(proc, log)
-    assert proc.returncode == 0, out
+    session = _session(write_preset(tmp_path / "preset.yaml", small_data, trials=2, epochs=1), "faults", storage)
+    session.studies["cnn_v1"].enqueue_trial({"lr": 1e30})  # outside the space on purpose: a user's bad guess
+    with OtherWorker(storage, "faults.cnn_v1"):
+        counts = tune.run_member_study(session, "cnn_v1")
+    assert counts == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 2}
     trials = load_trials(storage, "faults.cnn_v1")
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [RETRY.retried_trial_number(t) for t in trials] == [None] * 4  # nothing re-queued
+    assert trials[0].user_attrs["error"].startswith("NonFiniteLossError: training loss is nan")
+    client = MlflowClient()
     diverged = client.get_run(trials[0].user_attrs["mlflow_run_id"])
     assert diverged.info.status == "FAILED"
     assert diverged.data.tags["error"].startswith("NonFiniteLossError: training loss is nan")
+    assert "stopped_by" not in diverged.data.tags
     upload = client.get_run(trials[1].user_attrs["mlflow_run_id"])
     assert upload.info.status == "FAILED" and "could not upload artifacts" in upload.data.tags["error"]
+    assert all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FINISHED" for t in trials[2:])
+    out = capsys.readouterr().out
     assert "trial 0 of faults.cnn_v1 failed: NonFiniteLossError" in out
     assert "trial 1 of faults.cnn_v1 failed: OSError: could not upload artifacts" in out
-    assert_one_session(client, storage, ["faults.cnn_v1"], 2)
-    assert len(client.search_model_versions("name='deepfake-ensemble'")) == 1
 
+
+def test_a_trial_another_worker_already_failed_is_closed_and_the_worker_goes_on(small_data, tmp_path,
+                                                                                tracking_here, capsys):
+    """A worker silent past the grace period has its trial failed and re-queued by another worker.
+    When it then reports (``study.tell`` would raise) or writes mid-trial, the trial is left as the
+    other worker set it, the run is closed FAILED saying why, and the worker goes on. The retries
+    keep the original trial's parameters and seed."""
+    from pipeline import tracking, tune
+    from pipeline.tune.conclude import Outcome, conclude
+    from pipeline.tune.session import RUN_ATTR
+    from pipeline.tune.trial import run_trial
+    from pipeline.tune.workers import admit_trial
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    session = _session(write_preset(tmp_path / "preset.yaml", small_data, trials=1, epochs=1), "lost", storage)
+    client = MlflowClient()
+
+    def lose(trial) -> None:  # no heartbeat for longer than the grace; another worker fails it
+        time.sleep(2.5)
+        with OtherWorker(storage, "lost.cnn_v1"):
+            wait_for(lambda: load_trials(storage, "lost.cnn_v1")[trial.number].state == TrialState.FAIL, 30,
+                     f"trial {trial.number} failed by the other worker")
+
+    # 1. The result comes in after the trial was failed elsewhere: the tell itself.
+    first = admit_trial(session, "cnn_v1")
+    run_id = tracking.start_run(client, session.experiment_id, "cnn_v1-trial-0", parent_run_id=session.parent_run_id,
+                                tags={"kind": "trial"})  # as run_trial opens it
+    first.set_user_attr(RUN_ATTR, run_id)
+    lose(first)
+    assert conclude(session, "cnn_v1", first, run_id, Outcome(value=0.5)) == TrialState.FAIL
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["stopped_by"] == "heartbeat"
+    assert "before this worker reported its outcome" in run.data.tags["error"]
+    assert "retried as trial 1 with the same parameters" in run.data.tags["error"]
+
+    # 2. Mid-trial: the retry is failed elsewhere before its worker links its run.
+    retry = admit_trial(session, "cnn_v1")
+    assert retry.number == 1
+    lose(retry)
+    assert run_trial(session, "cnn_v1", retry) == TrialState.FAIL  # no exception: the worker goes on
+
+    # 3. ... to the budget: the second retry completes, with trial 0's parameters and seed.
+    assert tune.run_member_study(session, "cnn_v1") == {"COMPLETE": 1, "PRUNED": 0, "FAIL": 0}
+    trials = load_trials(storage, "lost.cnn_v1")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert [RETRY.retried_trial_number(t) for t in trials] == [None, 0, 0]
+    assert trials[2].params == trials[0].params
+    done = client.get_run(trials[2].user_attrs["mlflow_run_id"])
+    assert done.data.params["train.seed"] == "0"  # the preset's seed 0 + trial 0, not + trial 2
+    runs = [r for r in session_runs(client) if r.data.tags.get("kind") == "trial"]
+    assert len(runs) == 3 and all(r.info.status != "RUNNING" for r in runs)
+    out = capsys.readouterr().out
+    assert "trial 0 of lost.cnn_v1: another worker marked trial 0 FAIL" in out
+    assert "trial 1 of lost.cnn_v1: another worker marked trial 1 FAIL" in out
+
+
+# ------------------------------------------------------------------ faults inside trials, end to end
 
 # ------------------------------------------------------------------ signals and lost workers
 
@@ -156,8 +281,10 @@ def _all_mid_training(storage: str, study: str, n: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, n_jobs", [(signal.SIGTERM, 1), (signal.SIGINT, 2)], ids=["SIGTERM", "SIGINT-2-threads"])
-def test_sigterm_or_sigint_mid_trial_closes_everything_and_exits_non_zero(sig, n_jobs, small_data, tmp_path):
+def test_sigterm_or_sigint_mid_trial_closes_everything_and_exits_non_zero(sig, n_jobs, small_data, tmp_path,
+                                                                         mlflow_template):
     """With ``--n-jobs 2`` the signal reaches the main thread only; both threads' trials must stop."""
+    seed_store(mlflow_template, tmp_path)
     preset = write_preset(tmp_path / "preset.yaml", small_data, trials=3, epochs=500)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     log = tmp_path / "tune.log"
@@ -188,8 +315,10 @@ def test_sigterm_or_sigint_mid_trial_closes_everything_and_exits_non_zero(sig, n
 
 
 @pytest.mark.slow
-def test_a_sigkilled_worker_costs_one_trial_and_the_next_tune_resumes(small_data, tmp_path):
-    preset = write_preset(tmp_path / "preset.yaml", small_data, trials=3, epochs=25)
+def test_a_sigkilled_worker_costs_one_trial_and_the_next_tune_resumes(small_data, tmp_path, mlflow_template):
+    seed_store(mlflow_template, tmp_path)
+    # 12 epochs: a trial is mid-training (>= 2 epochs logged) for a second or more, long enough to catch.
+    preset = write_preset(tmp_path / "preset.yaml", small_data, trials=3, epochs=12)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = "killed.cnn_v1"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -227,6 +356,8 @@ def test_a_sigkilled_worker_costs_one_trial_and_the_next_tune_resumes(small_data
     assert f"retried as trial {retries[0].number}" in lost.data.tags["error"]
     retry_run = client.get_run(retries[0].user_attrs["mlflow_run_id"])
     assert retry_run.data.tags["optuna.retried_from_trial"] == str(victim.number)
+    # ... and the same seed: the retry is the lost run again, not a new one with the same parameters.
+    assert retry_run.data.params["train.seed"] == lost.data.params["train.seed"] == str(victim.number)
     session = assert_one_session(client, storage, [study], 3)
     assert session["parent"].info.status == "FINISHED"
     assert len(client.search_model_versions("name='deepfake-ensemble'")) == 1

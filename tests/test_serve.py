@@ -166,6 +166,17 @@ def test_served_champion_answers_like_the_pyfunc_model(server, images, tuned, mo
     status, body = post(url, {"dataframe_records": [{"image": b64(images[1])}]})
     assert status == 200 and body["predictions"][0]["label"] == expected["label"][1]
 
+    # JPEG, at another size than the members were trained at: answered like the same bytes in-process.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(images[2])).convert("RGB").resize((40, 40)).save(buf, format="JPEG", quality=85)
+    jpeg = buf.getvalue()
+    status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [[b64(jpeg)]]}})
+    assert status == 200, body
+    local = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}").predict(pd.DataFrame({"image": [jpeg]}))
+    served = pd.DataFrame(body["predictions"])
+    assert served["label"].tolist() == local["label"].tolist()
+    np.testing.assert_allclose(served[PROBS].to_numpy(), local[PROBS].to_numpy(), atol=1e-6)
+
 
 @pytest.mark.slow
 def test_bad_requests_get_400_and_the_server_keeps_serving(server, images):

@@ -2,43 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT_DIR, cli_env, run_cli, write_csv, write_png
+from conftest import make_learnable, seed_store
+from workers import tracking_here  # noqa: F401 - fixture
 
 from pipeline import metric_names as M
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data import load_dataset
 from pipeline.models import build_model
-from pipeline.train import (DeviceError, class_weight_tensor, fit, predict_probs, resolve_device,
-                            resolve_precision, seed_everything)
+from pipeline.train import DeviceError, class_weight_tensor, fit, predict_probs, resolve_device, resolve_precision
 
-torch.set_num_threads(2)
-
-
-def make_learnable(root: Path, per_class: int = 24, val_per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
-    """Five classes told apart by a colour cast under heavy noise: a small CNN learns it in a few epochs."""
-    rng = np.random.default_rng(seed)
-    casts = np.array([[60, 0, 0], [0, 60, 0], [0, 0, 60], [60, 60, 0], [0, 60, 60]])
-    for split, n in (("train", per_class), ("validation", val_per_class), ("test", 4)):
-        rows = []
-        for label in range(5):
-            for i in range(n):
-                image_id = f"{split[:2]}{label}{i:03d}"
-                noise = rng.integers(0, 160, (size, size, 3))
-                write_png(root / split / f"{image_id}.png", np.clip(noise + casts[label], 0, 255))
-                rows.append((image_id, label))
-        rng.shuffle(rows)
-        write_csv(root / f"{split}.csv", rows)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +34,7 @@ def test_fit_learns_and_reports_every_epoch(learnable, tmp_path):
     data_cfg, train_cfg = _cfgs(learnable, tmp_path)
     data = load_dataset(data_cfg)
     seen = []
-    result = fit(build_model(ModelConfig(arch="cnn_v1")), data, data_cfg, train_cfg,
+    result = fit(build_model(ModelConfig(arch="cnn_v1", convs_per_block=1)), data, data_cfg, train_cfg,
                  report=lambda epoch, m: seen.append((epoch, dict(m))), progress=False)
     assert [e for e, _ in seen] == [1, 2, 3, 4]
     assert set(seen[0][1]) == set(M.EPOCH_METRICS)
@@ -68,13 +46,13 @@ def test_fit_learns_and_reports_every_epoch(learnable, tmp_path):
 def test_fit_keeps_best_state_not_last(learnable, tmp_path):
     data_cfg, train_cfg = _cfgs(learnable, tmp_path, epochs=5, lr=0.05)  # a high lr makes epochs wobble
     data = load_dataset(data_cfg)
-    model = build_model(ModelConfig(arch="cnn_v1"))
+    model = build_model(ModelConfig(arch="cnn_v1", convs_per_block=1))
     result = fit(model, data, data_cfg, train_cfg, progress=False)
     accs = [h[M.VAL_ACCURACY] for h in result.history]
     assert result.best_val_accuracy == max(accs)
     assert result.best_epoch == accs.index(max(accs)) + 1
     # The returned state reproduces the stored best-epoch probabilities.
-    fresh = build_model(ModelConfig(arch="cnn_v1"))
+    fresh = build_model(ModelConfig(arch="cnn_v1", convs_per_block=1))
     fresh.load_state_dict(result.best_state)
     from pipeline.data import Normalizer
 
@@ -83,18 +61,123 @@ def test_fit_keeps_best_state_not_last(learnable, tmp_path):
     np.testing.assert_allclose(probs.numpy(), result.val_probs, atol=1e-5)
 
 
-def test_fit_is_repeatable_in_fp32_on_cpu(learnable, tmp_path):
-    data_cfg, train_cfg = _cfgs(learnable, tmp_path, epochs=2)
-    data = load_dataset(data_cfg)
-    runs = []
-    for _ in range(2):
-        seed_everything(0)
-        runs.append(fit(build_model(ModelConfig(arch="cnn_v1")), data, data_cfg, train_cfg, progress=False))
-    assert runs[0].history == runs[1].history
-    seed_everything(0)
-    other = fit(build_model(ModelConfig(arch="cnn_v1")), data, data_cfg, TrainConfig(**{**train_cfg.__dict__, "seed": 1}),
-                progress=False)
-    assert other.history != runs[0].history
+# Every randomness path of a run: per-image geometric draws, v2 colour transforms and CutMix/MixUp
+# (global-generator draws), shuffling, Dropout and Dropout2d masks, weight init.
+THREAD_RUNS = {"geometric": dict(augment="geometric"),
+               "color-mix": dict(augment="color", cutmix_alpha=1.0, mixup_alpha=0.4)}
+
+
+def _thread_run(root: Path, tmp: Path, name: str, seed: int):
+    from pipeline.train import build_and_fit
+
+    data_cfg = DataConfig(root=str(root), normalize="half", cache_dir=str(tmp / "cache"), **THREAD_RUNS[name])
+    train_cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, precision="fp32", device="cpu", seed=seed)
+    model_cfg = ModelConfig(arch="cnn_v1", convs_per_block=1, dropout_features=0.3, dropout_fc=0.4)
+    return build_and_fit(model_cfg, load_dataset(data_cfg), data_cfg, train_cfg)
+
+
+def test_runs_are_repeatable_and_independent_of_other_threads(learnable, tmp_path):
+    """What ``tune --n-jobs 2`` relies on: a run in a thread, next to another, gives exactly what it
+    gives alone (fp32 on the CPU), and neither reads nor moves torch's global generator."""
+    import threading
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    alone = {name: _thread_run(learnable, tmp_path, name, seed) for seed, name in enumerate(THREAD_RUNS)}
+    assert torch.equal(torch.random.get_rng_state(), before)  # no global reseeding, no global draws
+
+    together: dict = {}
+    threads = [threading.Thread(target=lambda n=name, s=seed: together.update({n: _thread_run(learnable, tmp_path, n, s)}))
+               for seed, name in enumerate(THREAD_RUNS)]
+    torch.manual_seed(999)  # whatever the global state, the runs do not see it
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, run in alone.items():
+        assert together[name].history == run.history, name
+        for key, value in run.best_state.items():
+            assert torch.equal(together[name].best_state[key], value), (name, key)
+    other_seed = _thread_run(learnable, tmp_path, "geometric", 7)
+    assert other_seed.history != alone["geometric"].history  # the seed is what makes runs equal
+
+
+def test_dropout_masks_come_from_the_runs_generator():
+    from torch import nn
+
+    from pipeline.rng import seeded_dropout
+
+    model = nn.Sequential(nn.Dropout2d(0.5), nn.Flatten(), nn.Dropout(0.25)).train()
+    x = torch.ones(64, 8, 4, 4)
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed + 100)  # the global generator must not matter
+        with seeded_dropout(model, torch.Generator().manual_seed(seed)):
+            outs.append(model(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    channels = outs[0].view(64, 8, 16)
+    # Dropout2d zeroes whole channels; what survives both layers is scaled by 1/(1-p) each.
+    kept = channels[channels != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (0.5 * 0.75)))
+    channel_zero = (channels == 0).all(-1).float().mean().item()
+    element_zero = (outs[0] == 0).float().mean().item()
+    assert 0.4 < channel_zero < 0.6 and 0.55 < element_zero < 0.70  # 1 - 0.5 * 0.75 = 0.625
+    assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__  # restored after
+    model.eval()
+    with seeded_dropout(model, torch.Generator().manual_seed(1)):
+        assert torch.equal(model(x), x.flatten(1))  # evaluation: no dropout
+
+
+def test_a_dataset_is_copied_to_a_device_once_and_shared_by_threads():
+    """The CUDA path of ``fit`` (``on_device``), on the ``meta`` device: every thread gets the same
+    copy, a tensor already on the device is itself, and the copy goes with its source."""
+    import gc
+    import threading
+
+    from pipeline.train.device import _COPIES, on_device
+
+    images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    got: list[torch.Tensor] = []
+
+    def copy(source: torch.Tensor, into: list) -> None:
+        into.append(on_device(source, "meta"))
+
+    threads = [threading.Thread(target=copy, args=(images, got)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(copy is got[0] for copy in got) and got[0].device.type == "meta"
+    assert on_device(images, torch.device("cpu")) is images
+    other = torch.zeros_like(images)
+    assert on_device(other, "meta") is not got[0]
+    key = (id(images), "meta")
+    assert key in _COPIES
+    del images, got, threads
+    gc.collect()
+    assert key not in _COPIES
+
+
+def test_early_stopping_and_the_learning_rate_schedule(learnable, tmp_path):
+    """ReduceLROnPlateau multiplies the lr by lr_factor after every epoch without a better validation
+    accuracy (lr_patience 0); early stopping ends the run at the second such epoch in a row."""
+    data_cfg, train_cfg = _cfgs(learnable, tmp_path, epochs=40, lr=4e-3, lr_patience=0, lr_factor=0.5,
+                                early_stop_patience=2)
+    result = fit(build_model(ModelConfig(arch="cnn_v1", convs_per_block=1)), load_dataset(data_cfg), data_cfg,
+                 train_cfg, progress=False)
+    assert result.stop_reason == "early_stopping" and result.epochs_run < 40
+    best, without_gain, lr = -1.0, 0, 4e-3
+    for epoch, row in enumerate(result.history, start=1):
+        assert row[M.LR] == pytest.approx(lr), (epoch, result.history)
+        if row[M.VAL_ACCURACY] > best:
+            best, without_gain = row[M.VAL_ACCURACY], 0
+        else:
+            without_gain += 1
+            lr *= 0.5
+        assert without_gain < 2 or epoch == result.epochs_run, (epoch, result.history)
+    assert without_gain == 2  # it stopped exactly there
+    assert result.history[-1][M.LR] < 4e-3  # the schedule acted before the stop
+    assert result.best_val_accuracy == best
 
 
 def test_fit_with_mix_augmentation_class_weights_and_bf16(learnable, tmp_path):
@@ -146,12 +229,12 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
 
 
-def test_run_guard_closes_runs_by_outcome(tmp_path, monkeypatch):
+def test_run_guard_closes_runs_by_outcome(tmp_path, monkeypatch, mlflow_template):
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", seed_store(mlflow_template, tmp_path))
     client = MlflowClient()
     exp = tracking.ensure_experiment(client, "guard")
     for exc, status in ((RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (None, "FINISHED")):
@@ -180,23 +263,26 @@ def _mlflow_client(workdir: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
 
 
-@pytest.mark.slow
-def test_mlflow_run_train_end_to_end(learnable, tmp_path):
-    """`mlflow run . -e train --env-manager local`, then read everything back through MlflowClient."""
-    env = cli_env(tmp_path)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(PROJECT_DIR), "-e", "train", "--env-manager",
-           "local", "--experiment-name", "deepfake", "-P", f"data={learnable}", "-P", "epochs=3",
-           "-P", "arch=cnn_v1", "-P", "batch_size=16", "-P", "augment=none", "-P", "precision=fp32",
-           "-P", "lr=0.003", "-P", "no_progress=true"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_train_under_mlflow_run_logs_into_the_launchers_run(learnable, tmp_path, tracking_here, monkeypatch):
+    """What `mlflow run . -e train` hands the command: a run it created (MLFLOW_RUN_ID) holding the
+    entry point's parameters. train logs into that run (one call, one run), and everything reads back
+    through MlflowClient. The real `mlflow run` launcher runs in the session fixture ``tuned`` (-e tune)."""
+    from pipeline.cli import main
+
     client = _mlflow_client(tmp_path)
-    experiment = client.get_experiment_by_name("deepfake")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1, "one call, one run (the mlflow-run launcher's run is reused)"
+    experiment_id = client.create_experiment("deepfake")
+    launcher = client.create_run(experiment_id, tags={"mlflow.source.type": "PROJECT",
+                                                      "mlflow.project.entryPoint": "train"})
+    client.log_param(launcher.info.run_id, "epochs", "3")
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    assert main(["train", "--data", str(learnable), "--epochs", "3", "--arch", "cnn_v1", "--convs-per-block", "1",
+                 "--batch-size", "16", "--augment", "none", "--precision", "fp32", "--lr", "0.003",
+                 "--no-progress"]) == 0
+    runs = client.search_runs([experiment_id])
+    assert [r.info.run_id for r in runs] == [launcher.info.run_id], "one call, one run: the launcher's"
     run = runs[0]
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "3"
     params = run.data.params
     for key in ("model.arch", "train.epochs", "train.batch_size", "train.lr", "train.weight_decay",
                 "model.dropout_features", "model.dropout_fc", "train.label_smoothing", "train.class_weights",
@@ -226,19 +312,25 @@ def test_mlflow_run_train_end_to_end(learnable, tmp_path):
     assert '"train": 120' in dataset.profile and dataset.digest
 
 
-def test_baseline_logs_like_a_training_run(learnable, tmp_path):
-    run_cli(["baseline", "--data", str(learnable), "--pixels", "16"], tmp_path)
+def test_baseline_logs_like_a_training_run(learnable, tmp_path, tracking_here):
+    from pipeline.cli import main
+
+    assert main(["baseline", "--data", str(learnable), "--pixels", "16"]) == 0
     client = _mlflow_client(tmp_path)
     run = client.search_runs([client.get_experiment_by_name("deepfake").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.tags["arch"] == "svm_rbf"
-    assert 0.2 < run.data.metrics[M.BEST_VAL_ACCURACY] <= 1.0
+    assert 0.2 < run.data.metrics[M.BEST_VAL_ACCURACY] <= 1.0  # above chance on a learnable task
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {M.CONFUSION_PNG, M.CONFUSION_JSON, M.REPORT_JSON} <= paths
 
 
-def test_train_cli_rejects_bad_flags(learnable, tmp_path):
-    proc = run_cli(["train", "--data", str(learnable), "--precision", "fp8"], tmp_path, check=False)
-    assert proc.returncode != 0 and "train.precision" in proc.stderr
+def test_train_cli_rejects_bad_flags(learnable, tmp_path, tracking_here, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a value outside the setting's choices
+        main(["train", "--data", str(learnable), "--precision", "fp8"])
+    assert exit_info.value.code == 2 and "train.precision" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        proc = run_cli(["train", "--data", str(learnable), "--device", "cuda", "--epochs", "1"], tmp_path, check=False)
-        assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
+        assert main(["train", "--data", str(learnable), "--device", "cuda", "--epochs", "1"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "CUDA is not available" in errors[0]

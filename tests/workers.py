@@ -13,7 +13,7 @@ import mlflow
 import optuna
 import pytest
 import yaml
-from conftest import cli_env, make_competition_dataset
+from conftest import cli_env, make_competition_dataset, seed_store
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -28,8 +28,9 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_preset(path: Path, data: Path, members=("cnn_v1",), trials: int = 2, epochs: int = 2,
-                 heartbeat: int = 1) -> Path:
-    """A preset for these tests: small networks, fixed batch size, no early stop, 1 s heartbeat."""
+                 heartbeat: int = 1, **study) -> Path:
+    """A preset for these tests: small networks, fixed batch size, no early stop, 1 s heartbeat;
+    ``study`` overrides study settings (pruner, pruner_warmup_epochs, ...)."""
     preset = {
         "name": "reliability",
         "data": {"root": str(data), "augment": "none", "normalize": "half", "audit_min_per_class": 1},
@@ -41,7 +42,7 @@ def write_preset(path: Path, data: Path, members=("cnn_v1",), trials: int = 2, e
                   "space": {"train.lr": {"low": 1e-3, "high": 3e-3, "log": True}, "train.batch_size": [16],
                             "model.dropout_features": {"low": 0.1, "high": 0.3},
                             "model.dropout_fc": {"low": 0.2, "high": 0.4},
-                            "train.weight_decay": {"low": 1e-6, "high": 1e-4, "log": True}}},
+                            "train.weight_decay": {"low": 1e-6, "high": 1e-4, "log": True}}, **study},
     }
     path.write_text(yaml.safe_dump(preset))
     return path
@@ -129,8 +130,9 @@ def assert_one_session(client: MlflowClient, storage: str, studies: list[str], t
 
 
 @pytest.fixture
-def tracking_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Point this process's MLflow at a store under tmp_path; restore the SIGTERM handler after."""
+def tracking_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path):
+    """Point this process's MLflow at a store under tmp_path (a copy of the empty template store);
+    restore the SIGTERM handler after."""
     def use(uri: str) -> str:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
@@ -140,7 +142,7 @@ def tracking_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     handler, previous = signal.getsignal(signal.SIGTERM), utils._tracking_uri
     monkeypatch.chdir(tmp_path)  # a new experiment's artifact root is ./mlruns of the working directory
-    use(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    use(seed_store(mlflow_template, tmp_path))
     yield use
     signal.signal(signal.SIGTERM, handler)  # cli.main installs its own
     mlflow.set_tracking_uri(previous)  # then monkeypatch restores the environment

@@ -34,7 +34,7 @@ def run_worker(preset: Path, workdir: Path, cache: Path) -> dict[str, Any]:
            "DEEPFAKE_TUNE_CACHE": str(cache), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_RUN_ID", None)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.rss_probe", "tune", "--config", str(preset),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli.rss_probe", "tune", "--config", str(preset),
                            "--storage", f"sqlite:///{workdir / 'optuna.db'}", "--quiet"],
                           cwd=workdir, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

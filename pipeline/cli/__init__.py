@@ -10,6 +10,7 @@ import sys
 from ..config import ConfigError
 from ..interrupt import install_sigterm
 from .commands import COMMANDS, Command, build_options, build_preset
+from .errors import one_line, user_error
 from .flags import add_flags, given
 
 
@@ -51,20 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise
     install_sigterm()
-    from ..data import DataError
-
+    values: dict = {}
     try:
         command = command_of(args)
         values = given(args, command.flags())
         preset = build_preset(values)
         check_not_searched(command, values, preset)
         return command.run(preset, build_options(command.options, values), not values.get("common.no_progress"))
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as exc:
         print(f"interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Bad input, an unreachable store, an MLflow or Optuna error: one line and exit 2 (a bug keeps
+        # its traceback).
+        if not user_error(exc):
+            raise
+        print(f"error: {one_line(exc, values.get('study.storage'))}", file=sys.stderr)
+        return 2
 
 
 __all__ = ["main", "build_parser"]

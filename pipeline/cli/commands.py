@@ -120,6 +120,13 @@ def _tune(preset: Preset, opts: TuneOptions, progress: bool) -> int:
     return 0
 
 
+def _check_tracking() -> None:
+    """Fail in seconds, before any work, when the tracking store cannot be reached."""
+    from .. import tracking
+
+    tracking.check_tracking(tracking.client())
+
+
 def _promote(preset: Preset, opts: PromoteOptions, progress: bool) -> int:
     from ..registry.promote import promote
 
@@ -134,6 +141,8 @@ def _predict(preset: Preset, opts: PredictOptions, progress: bool) -> int:
     from ..commands.predict import write_submission
 
     uri = opts.model_uri or f"models:/{preset.study.model_name}@champion"
+    if uri.startswith(("models:/", "runs:/")):  # a model in the tracking store (else a local path)
+        _check_tracking()
     result = write_submission(preset.data, uri, opts.out, split=opts.split, probabilities=opts.probabilities,
                               batch_size=opts.batch_size, progress=progress, device=preset.train.device)
     print(result.describe())
@@ -143,20 +152,27 @@ def _predict(preset: Preset, opts: PredictOptions, progress: bool) -> int:
 def _bench(preset: Preset, opts: BenchOptions, progress: bool) -> int:
     from ..bench import run_bench
 
+    # Logged like every command's results (into --experiment, or the `mlflow run` launcher's run);
+    # the store is checked before minutes of measuring.
+    _check_tracking()
     run_bench(preset, epochs=opts.epochs, archs=opts.archs, search_trials=opts.search_trials, skip=opts.skip,
-              json_path=opts.json)
+              json_path=opts.json, experiment=preset.tracking.experiment)
     return 0
 
 
-DATA_AT = ("data.root", "data.synth_preset", "data.synth_seed", "data.cache_dir")  # where the data is, or is made
-AUDIT = ("data.audit_fraction", "data.audit_min_per_class")
+FILES_AT = ("data.root", "data.synth_preset", "data.synth_seed")  # where the image files are, or are made
+DATA_AT = (*FILES_AT, "data.cache_dir")  # ... and where they are kept decoded
+AUDIT = ("data.audit_fraction", "data.audit_min_per_class")  # how the audit split is drawn
+# Each command takes exactly the settings it uses. promote and predict send the image files' bytes to
+# the registered model, which decodes and resizes them itself (no data.image_size); promote finds the
+# audit images through the decode cache (their pixel hashes) with the versions' own audit settings;
+# predict writes a file, not a run (no tracking.experiment).
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("data synth", "write the embedded synthetic dataset", (), SynthOptions, _synth, common=False, progress=False,
             extras={"options.out": ("data",)}),
     Command("data inspect", "validate a dataset and print a summary", (*DATA_AT, *AUDIT, "data.image_size"), None,
-            _inspect,
-            names={"data.synth_preset": "preset", "data.synth_seed": "seed"}),
+            _inspect, progress=False, names={"data.synth_preset": "preset", "data.synth_seed": "seed"}),
     Command("train", "train one architecture as one MLflow run",
             ("data.*", "model.*", "train.*", "tracking.*"), TrainOptions, _train),
     Command("baseline", "SVM (RBF) on flattened standardised pixels, logged like a training run",
@@ -164,9 +180,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("tune", "Optuna member studies, ensemble search, registration",
             ("data.*", "model.*", "-model.arch", "train.*", "study.*", "tracking.*"), TuneOptions, _tune),
     Command("promote", "move @champion to @challenger on evidence",
-            (*DATA_AT, "data.image_size", "study.model_name", "train.device", "tracking.*"), PromoteOptions, _promote),
+            (*DATA_AT, "study.model_name", "train.device", "tracking.*"), PromoteOptions, _promote),
     Command("predict", "write a Kaggle submission with a registered model",
-            (*DATA_AT, "data.image_size", "study.model_name", "train.device", "tracking.*"), PredictOptions, _predict),
+            (*FILES_AT, "study.model_name", "train.device"), PredictOptions, _predict),
     Command("bench", "measure our training, inference and search against the reference way",
             ("data.root", "data.image_size", "data.cache_dir", "train.device", "train.seed", "tracking.*"),
             BenchOptions, _bench, progress=False),

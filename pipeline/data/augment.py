@@ -15,6 +15,8 @@ import math
 import torch
 from torchvision.transforms import v2
 
+from ..rng import RunRandom, global_draws
+
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -88,7 +90,8 @@ class BatchGeometric:
     sampling grid: one resample), then with p=0.3 a perspective warp whose corners move by up to
     ``distortion_scale`` of the half-size (bilinear, fill 0). ``tests/test_bench.py`` checks the
     output against torchvision's functional kernels, image by image, for given parameters.
-    Random draws use torch's global generator on the batch's device; on CUDA no step waits for the host.
+    Random draws use ``generator`` (on the batch's device) when given, else torch's global generator;
+    on CUDA no step waits for the host.
     """
 
     def __init__(self, degrees: float = 15.0, flip_p: float = 0.5, distortion_scale: float = 0.2,
@@ -96,22 +99,24 @@ class BatchGeometric:
         self.degrees, self.flip_p = degrees, flip_p
         self.distortion_scale, self.perspective_p = distortion_scale, perspective_p
 
-    def sample(self, n: int, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def sample(self, n: int, height: int, width: int, device: torch.device,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-image parameters: angle (degrees), flip and perspective (bool), corner endpoints (n x 4 x 2)."""
-        angle = torch.empty(n, device=device).uniform_(-self.degrees, self.degrees)
-        flip = torch.rand(n, device=device) < self.flip_p
-        perspective = torch.rand(n, device=device) < self.perspective_p
+        g = generator
+        angle = torch.empty(n, device=device).uniform_(-self.degrees, self.degrees, generator=g)
+        flip = torch.rand(n, device=device, generator=g) < self.flip_p
+        perspective = torch.rand(n, device=device, generator=g) < self.perspective_p
         # RandomPerspective.make_params: each corner moves inwards by randint(0, bound) pixels.
         bw = int(self.distortion_scale * (width // 2)) + 1
         bh = int(self.distortion_scale * (height // 2)) + 1
-        dx = torch.randint(0, bw, (n, 4), device=device)
-        dy = torch.randint(0, bh, (n, 4), device=device)
+        dx = torch.randint(0, bw, (n, 4), device=device, generator=g)
+        dy = torch.randint(0, bh, (n, 4), device=device, generator=g)
         xs = torch.stack([dx[:, 0], width - bw + dx[:, 1], width - bw + dx[:, 2], dx[:, 3]], 1)
         ys = torch.stack([dy[:, 0], dy[:, 1], height - bh + dy[:, 2], height - bh + dy[:, 3]], 1)
         return {"angle": angle, "flip": flip, "perspective": perspective, "endpoints": torch.stack([xs, ys], 2)}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply(x, self.sample(len(x), x.shape[-2], x.shape[-1], x.device))
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(x, self.sample(len(x), x.shape[-2], x.shape[-1], x.device, generator))
 
     @staticmethod
     def _axes(h: int, w: int, start: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,14 +181,28 @@ class BatchGeometric:
 
 class BatchAugmenter:
     """Training-time batch transform: augment (per image for ``geometric``, else per group of
-    ``group_size``), optional CutMix/MixUp, normalise."""
+    ``group_size``), optional CutMix/MixUp, normalise.
+
+    With ``random`` (a run's own generators) every draw is the run's: ``geometric`` samples from its
+    device generator, and the v2 transforms and mixes, which draw from torch's global generator,
+    run inside ``global_draws`` with a seed from the run's sequence. Without it, torch's global
+    generator is used as is."""
 
     def __init__(self, policy: str, normalize: str, device: torch.device, num_classes: int,
-                 cutmix_alpha: float = 0.0, mixup_alpha: float = 0.0, group_size: int = 8):
+                 cutmix_alpha: float = 0.0, mixup_alpha: float = 0.0, group_size: int = 8,
+                 random: RunRandom | None = None):
         self.policy = BatchGeometric() if policy == "geometric" else build_policy(policy)
         self.mix = build_mix(cutmix_alpha, mixup_alpha, num_classes)
         self.normalizer = Normalizer(normalize, device)
         self.group_size = group_size
+        self.random = random
+
+    def _global(self, fn, *args):
+        """``fn(*args)``, its global-generator draws taken from this run's sequence when it has one."""
+        if self.random is None:
+            return fn(*args)
+        with global_draws(self.random.next_seed()):
+            return fn(*args)
 
     @property
     def soft_labels(self) -> bool:
@@ -191,12 +210,12 @@ class BatchAugmenter:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalizer.scale(x)
-        if isinstance(self.policy, BatchGeometric):
-            x = self.policy(x)  # per-image parameters, whole-batch kernels
+        if isinstance(self.policy, BatchGeometric):  # per-image parameters, whole-batch kernels
+            x = self.policy(x, self.random.device if self.random is not None else None)
         elif self.policy is not None:
-            x = torch.cat([self.policy(chunk) for chunk in x.split(self.group_size)])
+            x = self._global(lambda: torch.cat([self.policy(chunk) for chunk in x.split(self.group_size)]))
         if self.mix is not None and len(x) > 1:
-            x, y = self.mix(x, y)
+            x, y = self._global(self.mix, x, y)
         elif self.mix is not None:
             y = torch.nn.functional.one_hot(y, self.mix_classes()).float()
         return self.normalizer(x), y

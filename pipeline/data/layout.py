@@ -4,7 +4,9 @@ Two layouts are read:
 - competition: ``ROOT/{train,validation}.csv`` (``image_id,label``), ``ROOT/test.csv`` (``image_id``,
   optional ``label``), images at ``ROOT/<split>/<image_id>.png``;
 - ImageFolder: ``ROOT/<split>/<class_name>/*.png|jpg`` (class order = sorted names), and an optional
-  ``ROOT/test/`` either flat (unlabelled) or by class.
+  ``ROOT/test/`` either flat (unlabelled) or by class. An image's id is its path under the split
+  folder (``coat/0.png``, or ``0.png`` in a flat test folder), unique by construction, so class
+  folders may reuse file names as torchvision's ``ImageFolder`` allows.
 
 Nothing here decodes pixels; every problem is a ``DataError`` naming the file and row.
 """
@@ -149,7 +151,6 @@ def _read_folder_split(root: Path, split: str, classes: tuple[str, ...] | None) 
             raise DataError(f"missing split folder {folder}")
         return None
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    ids: list[str] = []
     paths: list[Path] = []
     labels: list[int] | None = []
     if split == "test" and not subdirs:
@@ -163,13 +164,7 @@ def _read_folder_split(root: Path, split: str, classes: tuple[str, ...] | None) 
             for path in _image_files(sub):
                 paths.append(path)
                 labels.append(classes.index(sub.name))
-    seen: dict[str, Path] = {}
-    for path in paths:
-        image_id = path.stem
-        if image_id in seen:
-            raise DataError(f"{path}: duplicate image_id {image_id!r} (also {seen[image_id]})")
-        seen[image_id] = path
-        ids.append(image_id)
+    ids = [path.relative_to(folder).as_posix() for path in paths]  # "coat/0.png": no two alike
     if not ids:
         raise DataError(f"{folder}: the {split} split is empty")
     return SplitIndex(split, tuple(ids), tuple(paths), tuple(labels) if labels is not None else None, folder)

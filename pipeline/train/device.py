@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 
 import torch
 
@@ -49,3 +51,26 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (timings); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_COPIES: dict[tuple[int, str], tuple[weakref.ref, torch.Tensor]] = {}
+_COPIES_LOCK = threading.Lock()
+
+
+def on_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``: copied once per process while ``tensor`` lives, then shared, so runs
+    in threads on one GPU hold one copy of the dataset between them. A tensor already there is
+    returned as is (the CPU case)."""
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    key = (id(tensor), str(device))
+    with _COPIES_LOCK:
+        held = _COPIES.get(key)
+        if held is not None and held[0]() is tensor:
+            return held[1]
+        copy = tensor.to(device)
+        if copy is not tensor:
+            # The copy goes when the source does (an id is reused only after its object died).
+            _COPIES[key] = (weakref.ref(tensor, lambda _, key=key: _COPIES.pop(key, None)), copy)
+        return copy

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .. import metric_names as M
 from ..config import DataConfig, TrainConfig, parse_class_weights
 from ..data import BatchAugmenter, Dataset, Normalizer
-from .device import autocast, resolve_device, resolve_precision
+from ..rng import RunRandom, seeded_dropout
+from .device import autocast, on_device, resolve_device, resolve_precision
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -64,6 +65,7 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Reseed every global generator: for scripts and tests; ``fit`` draws only from its own."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -156,17 +158,26 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norma
 
 def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         report: Report | None = None, progress: bool = True) -> FitResult:
-    seed_everything(cfg.seed)
+    """Train ``model``. Shuffling, augmentation and dropout draw from the run's own generators
+    (seeded by ``cfg.seed``), never from torch's global one: runs in threads (``tune --n-jobs``)
+    neither perturb nor depend on each other."""
+    run_random = RunRandom(cfg.seed, resolve_device(cfg.device))
+    with seeded_dropout(model, run_random.device):
+        return _fit(model, data, data_cfg, cfg, run_random, report, progress)
+
+
+def _fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, run_random: RunRandom,
+         report: Report | None, progress: bool) -> FitResult:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     model = model.to(device, memory_format=torch.channels_last)
-    # On CUDA the whole uint8 dataset lives on the GPU; on the CPU this is a no-op.
-    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
-    val_x, val_y = data.validation.images.to(device), data.validation.labels
+    # On CUDA the whole uint8 dataset lives on the GPU, copied once and shared by every thread's run.
+    train_x, train_y = on_device(data.train.images, device), on_device(data.train.labels, device)
+    val_x, val_y = on_device(data.validation.images, device), data.validation.labels
     augment = BatchAugmenter(data_cfg.augment, data_cfg.normalize, device, data.num_classes,
-                             data_cfg.cutmix_alpha, data_cfg.mixup_alpha)
+                             data_cfg.cutmix_alpha, data_cfg.mixup_alpha, random=run_random)
     normalizer = augment.normalizer
     weights = class_weight_tensor(cfg.class_weights, data.train.labels, data.num_classes)
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
@@ -177,7 +188,6 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
                         fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.lr_patience,
                                                            factor=cfg.lr_factor)
-    generator = torch.Generator().manual_seed(cfg.seed)
 
     best_acc, best_epoch, best_state, best_probs, best_logits, best_flipped = -1.0, 0, None, None, None, None
     history: list[dict[str, float]] = []
@@ -188,7 +198,7 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
     for epoch in epochs:
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, train_x, train_y, augment, optimizer, loss_fn, cfg.batch_size,
-                                device, precision, generator, progress, cfg.images_per_epoch)
+                                device, precision, run_random.cpu, progress, cfg.images_per_epoch)
         epoch_stats.append(stats)
         train_seconds += stats.seconds
         data_seconds += stats.data_seconds

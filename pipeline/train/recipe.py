@@ -11,15 +11,18 @@ import torch
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data import Dataset
 from ..models import build_model
-from .loop import FitResult, Report, fit, seed_everything
+from ..rng import global_draws
+from .loop import FitResult, Report, fit
 
 
 def build_and_fit(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
                   report: Report | None = None, progress: bool = False,
                   initial_state: dict[str, torch.Tensor] | None = None) -> FitResult:
     """``initial_state``: continue from these weights (a refit) instead of a fresh initialisation."""
-    seed_everything(train_cfg.seed)  # weight init is part of the seeded run
-    model = build_model(model_cfg)
+    # Weight init is part of the seeded run. nn.init draws from torch's global generator, so the
+    # network is built while this run holds it (seeded, then restored): threads cannot interleave.
+    with global_draws(train_cfg.seed):
+        model = build_model(model_cfg)
     if initial_state is not None:
         model.load_state_dict(initial_state)
     return fit(model, data, data_cfg, train_cfg, report=report, progress=progress)

@@ -5,6 +5,7 @@
 - ``storage``: the Optuna storage, its heartbeats and the cross-process lock
 - ``session``: one session (studies, parent run, data) per worker process
 - ``trial``: one trial as one nested run, whatever happens inside
+- ``conclude``: how a trial ends: told first (its heartbeat still beating), then its run closed
 - ``workers``: admission against the budget, member studies, threads, lost workers
 - ``candidates``: the top trials handed to the ensemble stage
 - ``run``: ``run_tuning``, the whole session, and ``summary``, what it prints

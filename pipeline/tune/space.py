@@ -47,7 +47,9 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace, model: ModelConfi
 
 
 def trial_configs(trial: optuna.trial.BaseTrial, space: SearchSpace, model: ModelConfig, train: TrainConfig,
-                  data: DataConfig) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+                  data: DataConfig, origin: int | None = None) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     """A trial's configuration: the sampled settings, and the trial's own seed (seed + trial number),
-    so equal configurations start from equal weights and every trial is repeatable."""
-    return suggest(trial, space, model, replace(train, seed=train.seed + trial.number), data)
+    so equal configurations start from equal weights and every trial is repeatable. A retry passes
+    its ``origin`` (the number of the trial it re-runs): same parameters, same seed, same run."""
+    number = trial.number if origin is None else origin
+    return suggest(trial, space, model, replace(train, seed=train.seed + number), data)

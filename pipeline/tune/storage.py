@@ -38,18 +38,26 @@ def default_storage(tracking_uri: str) -> str:
 
 
 def check_url(url: str) -> None:
+    """A storage URL ``tune`` can keep exact budgets on, or a ``ValueError`` saying why not."""
     scheme = urlsplit(url).scheme
     if not scheme or "://" not in url:
         raise ValueError(f"--storage {url!r} is not a storage URL (e.g. sqlite:///optuna.db or "
                          "postgresql+psycopg2://user@host/db)")
     db = sqlite_path(url)
+    if (db is None or str(db) in ("", ":memory:")) and scheme.split("+")[0] != "postgresql":
+        # Workers admit trials under a lock held in the storage (storage_lock); only these two have one here.
+        raise ValueError(f"--storage {redact(url)}: only SQLite files (sqlite:///path/optuna.db) and PostgreSQL "
+                         "(postgresql+psycopg2://user@host/db) are supported: workers admit trials under a lock "
+                         "held in the storage, a lock file or an advisory lock, which only these two have here")
     if db is not None and db.parent != Path("") and not db.parent.exists():
         raise ValueError(f"--storage {url!r}: folder {db.parent} does not exist")
 
 
 @contextlib.contextmanager
 def storage_lock(url: str, name: str) -> Iterator[None]:
-    """Hold an exclusive lock named ``name`` for the storage at ``url`` (no-op for other engines)."""
+    """Hold an exclusive lock named ``name`` for the storage at ``url``. A no-op for other engines:
+    ``check_url`` refuses them as Optuna storages; as a tracking store (``mlflow-schema``), a server
+    or a file store creates its own schema."""
     db = sqlite_path(url)
     if db is not None:
         lock_path = Path(f"{db}.{hashlib.sha1(name.encode()).hexdigest()[:10]}.lock")
@@ -91,17 +99,15 @@ def retry(action, attempts: int = 5, delay: float = 0.5):
 
 
 def open_storage(url: str, heartbeat: int, max_retry: int) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats (a lost worker's trial is failed and re-queued with the same
-    parameters, at most ``max_retry`` times), or whatever else Optuna accepts for ``url``."""
-    if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}},
-            heartbeat_interval=heartbeat,
-            grace_period=heartbeat * 2,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-        )
-    return optuna.storages.get_storage(url)
+    """An RDB storage (``check_url``: SQLite or PostgreSQL) with heartbeats: a lost worker's trial is
+    failed and re-queued with the same parameters and seed, at most ``max_retry`` times."""
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}},
+        heartbeat_interval=heartbeat,
+        grace_period=heartbeat * 2,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+    )
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:

@@ -1,6 +1,7 @@
 """One trial as one nested run. Whatever happens inside, the trial ends in a final state and its run
-is closed: COMPLETE/FINISHED, PRUNED/KILLED, FAIL/FAILED with the reason (the study goes on), or, on
-SIGINT/SIGTERM, FAIL/KILLED, re-queued with the same parameters, and re-raised."""
+is closed: COMPLETE/FINISHED, PRUNED/KILLED, FAIL/FAILED with the reason (the study goes on; a
+failure is not retried), or, on SIGINT/SIGTERM, FAIL/KILLED, re-queued with the same parameters,
+and re-raised. The heartbeat beats until the trial is told (``conclude``)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from .. import faults, tracking
 from ..config import DataConfig, ModelConfig, Preset, TrainConfig, flat_params, override
 from ..interrupt import Interrupted
 from ..train import build_and_fit, resolve_device
+from .conclude import Outcome, conclude, quietly  # noqa: F401 - quietly: run.py's best-effort closes
 from .pruners import PruningReporter
-from .session import MAX_RETRY, RUN_ATTR, WORKER, Session
+from .session import RUN_ATTR, WORKER, Session
 from . import space
 from .storage import heartbeat_enabled
+
+RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
 
 
 class Heartbeat:
@@ -48,11 +52,13 @@ class Heartbeat:
 
 
 def session_trial_configs(session: Session, arch: str, trial: optuna.Trial) -> tuple[ModelConfig, TrainConfig, DataConfig]:
-    """The trial's configuration (sampled once; later calls read the stored parameters)."""
+    """The trial's configuration (sampled once; later calls read the stored parameters). A retry of a
+    lost or interrupted trial keeps the original trial's seed as well as its parameters."""
     preset = session.preset
+    origin = RETRY.retried_trial_number(session.storage.get_trial(trial._trial_id))
     return space.trial_configs(trial, preset.study.space,
                          override(preset.model, arch=arch, num_classes=session.data.num_classes), preset.train,
-                         preset.data)
+                         preset.data, origin)
 
 
 class Listener:
@@ -80,16 +86,15 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
     client = session.client
     run_id: str | None = None
     listener: Listener | None = None
-    value: float | None = None
-    pruned_at: int | None = None
-    failure = ""
+    outcome = Outcome()
     device = "cpu"
+    # The heartbeat beats until conclude() has told the trial's state: however slow the tracking
+    # server, no other worker takes this live trial for lost and re-runs it.
     with Heartbeat(session.storage, trial._trial_id, session.preset.study.heartbeat_seconds):
         try:
             model_cfg, train_cfg, data_cfg = session_trial_configs(session, arch, trial)
             device = str(resolve_device(train_cfg.device))
-            retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
-                session.storage.get_trial(trial._trial_id))
+            retried_from = RETRY.retried_trial_number(session.storage.get_trial(trial._trial_id))
             run_id = tracking.start_run(
                 client, session.experiment_id, f"{arch}-trial-{trial.number}", parent_run_id=session.parent_run_id,
                 tags={**tracking.standard_tags(device), "kind": "trial", "arch": arch,
@@ -106,76 +111,33 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
             tracking.log_training_outputs(client, run_id, result, session.data, model_cfg, data_cfg, train_cfg)
             tracking.set_tags(client, run_id, {"optuna.state": "COMPLETE", "precision": result.precision,
                                                "stop_reason": result.stop_reason})
-            value = result.best_val_accuracy
+            outcome.value = result.best_val_accuracy
         except optuna.TrialPruned:
-            pruned_at = listener.last_epoch if listener else 0
+            outcome.pruned_at = listener.last_epoch if listener else 0
+        except optuna.exceptions.UpdateFinishedTrialError:
+            outcome.lost = True  # another worker failed this trial (it saw no heartbeat) while it ran here
         except KeyboardInterrupt as exc:
-            fail(session, study, trial, run_id, f"interrupted ({exc or 'SIGINT'}); re-queued with the same "
-                                                "parameters for the next tune on this study", "KILLED", requeue=True)
+            outcome.failure = (f"interrupted ({exc or 'SIGINT'}); re-queued with the same parameters for the next "
+                               "tune on this study")
+            outcome.interrupted = True
+            quietly(lambda: conclude(session, arch, trial, run_id, outcome))  # the interrupt is what propagates
             raise
         except torch.OutOfMemoryError as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            failure = (f"CUDA out of memory (batch_size {train_cfg.batch_size}, {session.data.image_shape[-1]} px, "
-                       f"{model_cfg.arch}): lower the batch size or image size; the trial's memory was released "
-                       f"and the study goes on. {first}")
+            outcome.failure = (f"CUDA out of memory (batch_size {train_cfg.batch_size}, "
+                               f"{session.data.image_shape[-1]} px, {model_cfg.arch}): lower the batch size or "
+                               f"image size; the trial's memory was released and the study goes on. {first}")
         except Exception as exc:  # noqa: BLE001 - fail the trial, not the study
-            failure = f"{type(exc).__name__}: {exc}"
+            outcome.failure = f"{type(exc).__name__}: {exc}"
         finally:
             # Drop every reference to the trial's tensors before the next trial (the exception and
             # its traceback are gone once the handler above has run).
             listener = result = None
             release_memory(device)
-    # The trial's state first, then its run: a worker dying in between leaves a finished trial with
-    # a RUNNING run, which close_lost_runs closes.
-    if value is not None:
-        study.tell(trial, value)
-        quietly(lambda: tracking.end_run(client, run_id, "FINISHED"))
-        return TrialState.COMPLETE
-    if pruned_at is not None:
-        study.tell(trial, state=TrialState.PRUNED)
-        quietly(lambda: tracking.set_tags(client, run_id, {"optuna.state": "PRUNED", "pruned_at_epoch": pruned_at}),
-                lambda: tracking.end_run(client, run_id, "KILLED"))
-        return TrialState.PRUNED
-    fail(session, study, trial, run_id, failure, "FAILED")
-    return TrialState.FAIL
-
-
-def quietly(*actions) -> None:
-    """Best-effort bookkeeping: each action is tried, none hides the trial's outcome."""
-    for action in actions:
-        try:
-            action()
-        except Exception:  # noqa: BLE001 - record what we can; the storage stays consistent
-            pass
+        return conclude(session, arch, trial, run_id, outcome)
 
 
 def release_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the failed trial's blocks back to the driver
-
-
-def fail(session: Session, study: optuna.Study, trial: optuna.Trial, run_id: str | None, reason: str,
-         status: str, requeue: bool = False) -> None:
-    """Record why, close the run, then mark the trial FAIL (in that order: a worker dying in
-    between leaves a RUNNING trial, which the heartbeat turns into FAIL and a retry)."""
-    reason = session.scrub(reason)
-    actions = [lambda: trial.set_user_attr("error", reason[:2000])]
-    if run_id is not None:
-        actions += [lambda: tracking.set_tags(session.client, run_id, {
-                        "optuna.state": "FAIL", "error": reason[:5000],
-                        **({"stopped_by": "interrupt"} if status == "KILLED" else {})}),
-                    lambda: tracking.end_run(session.client, run_id, status)]
-    actions.append(lambda: study.tell(trial, state=TrialState.FAIL))
-    if requeue:
-        actions.append(lambda: _requeue(session, study, trial))
-    quietly(*actions)
-    print(f"trial {trial.number} of {study.study_name} failed: {reason.splitlines()[0][:400]}")
-
-
-def _requeue(session: Session, study: optuna.Study, trial: optuna.Trial) -> None:
-    """Queue an interrupted trial again with the same parameters, as a lost worker's trial is."""
-    callback = (session.storage.get_heartbeat_stale_trial_callback() if heartbeat_enabled(session.storage)
-                else optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-    if callback is not None:
-        callback(study, session.storage.get_trial(trial._trial_id))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timedelta
+from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -48,20 +49,22 @@ def admit_trial(session: Session, arch: str) -> optuna.Trial | None:
         return trial
 
 
-def close_lost_runs(session: Session, arch: str) -> int:
+def close_lost_runs(session: Session, arch: str, now: Callable[[], datetime] = datetime.now) -> int:
     """Runs left RUNNING by a worker that died: a FAIL trial's run is closed as FAILED with why
-    (and the retry's number); a trial that finished just before its worker died gets the status its
-    worker would have set. Each trial is looked at once per process."""
+    (and the retry's number); a trial that its worker told just before dying gets the status that
+    worker would have set, once the tell is more than a minute old (``now``: the clock). Each trial
+    is looked at once per process."""
     closed = 0
     trials = session.studies[arch].get_trials(deepcopy=False)
     grace = 2 * (session.preset.study.heartbeat_seconds or 0)
-    settled = datetime.now() - timedelta(seconds=max(60, grace))  # a live worker closes its run within ms
+    settled = now() - timedelta(seconds=max(60, grace))  # a live worker closes its run within ms
     for t in trials:
         run_id = t.user_attrs.get(RUN_ATTR)
         if t.state not in (TrialState.FAIL, *FINISHED) or not run_id or t._trial_id in session.checked:
             continue
-        if t.state in FINISHED and (t.datetime_complete is None or t.datetime_complete > settled):
-            continue  # its worker may be closing the run right now
+        told_by_its_worker = t.state in FINISHED or bool(t.user_attrs.get("error"))  # not failed by a heartbeat
+        if told_by_its_worker and (t.datetime_complete is None or t.datetime_complete > settled):
+            continue  # its worker closes the run right after the tell, perhaps right now
         try:
             if session.client.get_run(run_id).info.status != "RUNNING":
                 session.checked.add(t._trial_id)

@@ -23,7 +23,7 @@ def memory_figures() -> dict[str, int]:
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import main as cli_main
+    from . import main as cli_main
 
     code = cli_main(argv)
     print("RSS_PROBE " + json.dumps(memory_figures()), flush=True)
