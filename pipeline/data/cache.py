@@ -19,6 +19,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from ..progress import Counter
 from .layout import DataError
 
 # torchvision 0.29 announces a move of its codecs to TorchCodec; they work, and the message would
@@ -62,7 +63,7 @@ def decode_one(path: Path, image_size: int | None) -> torch.Tensor:
     return image
 
 
-def decode_all(paths: tuple[Path, ...], image_size: int | None) -> np.ndarray:
+def decode_all(paths: tuple[Path, ...], image_size: int | None, desc: str = "decode") -> np.ndarray:
     """Decode with a thread pool (torchvision's decoders release the GIL) into one array."""
     first = decode_one(paths[0], image_size)
     out = np.empty((len(paths), *first.shape), dtype=np.uint8)
@@ -77,9 +78,11 @@ def decode_all(paths: tuple[Path, ...], image_size: int | None) -> np.ndarray:
             )
         out[i] = image.numpy()
 
-    with ThreadPoolExecutor(DECODE_WORKERS) as pool:
-        # list() re-raises the first worker error here, in the caller.
-        list(pool.map(work, range(1, len(paths))))
+    with ThreadPoolExecutor(DECODE_WORKERS) as pool, Counter(len(paths), desc, leave=False) as counter:
+        counter.update()
+        # Iterating re-raises the first worker error here, in the caller.
+        for _ in pool.map(work, range(1, len(paths))):
+            counter.update()
     return out
 
 
@@ -92,7 +95,7 @@ def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path
             return np.load(cache_file), cache_file, True
         except (ValueError, OSError, EOFError):
             cache_file.unlink(missing_ok=True)  # unreadable cache: rebuild it
-    images = decode_all(paths, image_size)
+    images = decode_all(paths, image_size, f"decode {tag}")
     _write_atomic(cache_file, images)
     return images, cache_file, False
 

@@ -110,7 +110,7 @@ def _log(client, result: EnsembleResult, candidates: list[Candidate], labels: np
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "best_pairs.json").write_text(json.dumps(rows, indent=2))
-        _weight_figure(out / "weight_curve.png", result, labels)
+        _weight_figure(out / M.WEIGHT_CURVE_PNG, result, labels)
         tracking.write_evaluation(out, labels, probs.astype(np.float32), ids, classes,
                                   f"ensemble {a.arch}+{b.arch}, w={result.weight:.2f}")
         client.log_artifacts(run_id, str(out))

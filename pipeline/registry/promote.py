@@ -190,7 +190,7 @@ def promote(data_cfg, model_name: str = "deepfake-ensemble", split: str | None =
 
     ensure_default_data(data_cfg)
     entry, classes = scoring_split(data_cfg.root, split)
-    blobs = read_images(entry.paths)
+    blobs = read_images(entry.paths, progress=progress)
     labels = np.asarray(entry.labels, dtype=np.int64)
     num_classes = len(classes)
     challenger = score_version(model_name, challenger_v, blobs, labels, num_classes, batch_size, device, progress)

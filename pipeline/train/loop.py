@@ -184,7 +184,8 @@ def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
             best_acc, best_epoch, best_probs = val_acc, epoch, probs
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         row = {M.TRAIN_LOSS: stats.loss, M.TRAIN_ACCURACY: stats.accuracy, M.VAL_LOSS: val_loss,
-               M.VAL_ACCURACY: val_acc, M.LR: lr}
+               M.VAL_ACCURACY: val_acc, M.LR: lr,
+               M.EPOCH_IMAGES_PER_SECOND: stats.images / stats.seconds if stats.seconds else 0.0}
         history.append(row)
         if hasattr(epochs, "set_postfix"):
             epochs.set_postfix(loss=f"{stats.loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{best_acc:.3f}")

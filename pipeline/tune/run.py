@@ -20,9 +20,12 @@ from optuna.trial import TrialState
 from .. import metric_names as M
 from .. import tracking
 from ..config import Preset
+from ..progress import say
 from ..ensemble.stage import EnsembleResult, build_ensemble, enough_candidates
 from ..registry.register import register_ensemble
 from .candidates import candidate_fingerprint, load_candidates
+from .figures import log_session_figures
+from .reporting import members_phase, phase
 from .session import RUN_ATTR, Session, open_session
 from .storage import storage_lock
 from .summary import print_summary
@@ -52,11 +55,12 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
     model_name = model_name or preset.study.model_name
     n_jobs = n_jobs or preset.study.n_jobs
     session = open_session(preset, experiment, study_name, storage)
-    print(f"tuning session {session.study_name}: parent run {session.parent_run_id}, "
-          f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
+    say(f"tuning session {session.study_name}: parent run {session.parent_run_id}, "
+        f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
     if setup_only:
         return None
     try:
+        members_phase(session)
         run_members(session, n_jobs, progress)
         while settle(session):  # a lost worker's trial was re-queued meanwhile: run it here
             run_members(session, n_jobs, progress)
@@ -65,7 +69,10 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
         members = {arch: member_summary(session, arch) for arch in preset.study.members}
         with storage_lock(session.storage_url, f"ensemble:{session.study_name}"):
             log_study_figures(session)
+            phase(2, f"pair, weight and voting rule over the top {preset.study.top_k} trials of each member "
+                     f"({preset.study.ensemble_trials} search trials on their stored validation probabilities)")
             ensemble, version = ensemble_once(session, model_name)
+            log_session_figures(session)
         tracking.log_metrics(session.client, session.parent_run_id, {
             f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
             if m["best_val_accuracy"] is not None})
@@ -114,6 +121,7 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleResult | N
         with tracking.run_guard(client, run_id):
             result = build_ensemble(candidates, data.validation.labels.numpy(), data.validation.ids, data.classes,
                                     session.preset.study, client, run_id)
+            phase(3, f"{result.member_a.label} + {result.member_b.label} as a new version of {model_name}")
             version = register_ensemble(client, result, data.classes, data.validation.images, data.digest,
                                         model_name)
     first.set_user_attr("ensemble_fingerprint", fingerprint)
