@@ -188,6 +188,8 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
     workdir = tmp_path_factory.mktemp("tuned")
     data = workdir / "data"
     run_cli(["data", "synth", "--out", str(data), "--preset", "tiny", "--seed", "1"], workdir)
+    # PYTHONWARNINGS=default: deprecations our code triggers show too (they are hidden outside __main__).
     proc = run_cli(["tune", "--config", "tiny", "--data", str(data), "--study", "e2e", "--pruner", "always",
-                    "--storage", f"sqlite:///{workdir / 'optuna.db'}", "--no-progress"], workdir)
+                    "--storage", f"sqlite:///{workdir / 'optuna.db'}", "--no-progress"], workdir,
+                   PYTHONWARNINGS="default")
     return Tuned(workdir, data, proc.stdout + proc.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from .. import tracking
 from ..config import StudyConfig
 from .rules import RULES, combine
 from .search import accuracy, candidate_pairs, cross_fitted_accuracy, search_pair, weight_curve
+
+# MLflow's log_table selects 'object' columns, which pandas 3 says will stop including str ones.
+warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes are included by select_dtypes")
 
 
 @dataclass(frozen=True)
