@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own downloads below
 sys.path.insert(0, str(ROOT))
 
 from pipeline import metric_names as M  # noqa: E402

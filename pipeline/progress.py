@@ -15,7 +15,9 @@ Library callers that never call ``configure`` get ``bars`` on a terminal and ``l
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -35,7 +37,9 @@ def configure(no_progress: bool = False, quiet: bool = False) -> str:
     global _mode
     _mode = QUIET if quiet else LINES if no_progress else None  # None: decided per call from the terminal
     if quiet:
-        # MLflow's own INFO lines ("Creating initial MLflow database tables...") are progress too.
+        # MLflow's own INFO lines ("Creating initial MLflow database tables...") are progress too: the
+        # environment variable covers an mlflow imported later, the level one imported already.
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     return mode()
 
@@ -65,6 +69,16 @@ def say(text: str) -> None:
             tqdm.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)
+
+
+def hushed():
+    """With --quiet, a block whose libraries print progress straight to stderr (MLflow's "Successfully
+    registered model ...") prints nothing there; errors still propagate as exceptions."""
+    if mode() != QUIET:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+    return stack
 
 
 def duration(seconds: float) -> str:

@@ -69,6 +69,7 @@ def _train_args(data: Path, *extra: str) -> list[str]:
 def restore_progress(monkeypatch):
     """cli.main sets the process-wide progress mode (and MLflow's log level): restore both."""
     monkeypatch.setattr(progress, "_mode", progress._mode)
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "INFO")  # --quiet sets it; undone after the test
     level = logging.getLogger("mlflow").level
     yield
     logging.getLogger("mlflow").setLevel(level)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from .. import metric_names as M
 from .. import tracking
 from ..config import Preset
-from ..progress import say
+from ..progress import hushed, say
 from ..ensemble.stage import EnsembleResult, build_ensemble, enough_candidates
 from ..registry.register import register_ensemble
 from .candidates import candidate_fingerprint, load_candidates
@@ -71,7 +71,8 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
             log_study_figures(session)
             phase(2, f"pair, weight and voting rule over the top {preset.study.top_k} trials of each member "
                      f"({preset.study.ensemble_trials} search trials on their stored validation probabilities)")
-            ensemble, version = ensemble_once(session, model_name)
+            with hushed():
+                ensemble, version = ensemble_once(session, model_name)
             log_session_figures(session)
         tracking.log_metrics(session.client, session.parent_run_id, {
             f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
