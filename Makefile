@@ -6,7 +6,11 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test bench ui install mlproject clean-results
+UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
+OPTUNA_STORAGE ?= sqlite:///optuna.db
+
+.PHONY: demo test bench ui dashboard docs-images install mlproject clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -16,10 +20,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Optional extras, each installed on first use of the target that needs it.
+$(VENV)/.dashboard-stamp $(VENV)/.docs-stamp: $(VENV)/.%-stamp: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[$*]'
+	@touch $@
+
 # The main job: a whole tuning session on the embedded synthetic dataset (generated on first use).
+# Progress: bars on a terminal, one line per epoch, trial and phase elsewhere; add -P quiet=true for
+# the summary alone. The summary ends with links that open the session in the MLflow UI (make ui).
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/mlflow run . -e tune --env-manager local \
-		--experiment-name deepfake -P config=demo -P no_progress=true
+		--experiment-name deepfake -P config=demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -33,8 +44,22 @@ bench: $(STAMP)
 mlproject: $(STAMP)
 	$(PY) -m pipeline.cli.mlproject > MLproject
 
+# Prints the latest session's links first (model-training view), then serves the UI: one worker and
+# no job runner (GenAI judges), ready in ~12 s instead of ~25 s.
 ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	@MLFLOW_UI_URL=http://127.0.0.1:$(UI_PORT) $(PY) -m pipeline.tracking.links || true
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) \
+		--host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+# optuna-dashboard on the studies' storage (the [dashboard] extra): http://127.0.0.1:8080
+dashboard: $(VENV)/.dashboard-stamp
+	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+# The README's pictures from a fresh demo session, shot with headless Debian Chromium (the [docs]
+# extra; apt-get install chromium). DOCS_ARGS=--config tiny for a quick check.
+DOCS_ARGS ?=
+docs-images: $(VENV)/.docs-stamp
+	$(PY) docs/make_images.py $(DOCS_ARGS)
 
 clean-results:
 	rm -rf mlflow.db mlruns mlartifacts optuna.db optuna.db.*.lock submission.csv

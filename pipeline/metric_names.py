@@ -5,7 +5,9 @@ TRAIN_ACCURACY = "train_accuracy"
 VAL_LOSS = "val_loss"
 VAL_ACCURACY = "val_accuracy"
 LR = "lr"
-EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, VAL_LOSS, VAL_ACCURACY, LR)
+EPOCH_IMAGES_PER_SECOND = "epoch_images_per_second"  # training throughput of that epoch (wall clock)
+EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, VAL_LOSS, VAL_ACCURACY, LR, EPOCH_IMAGES_PER_SECOND)
+TIMING_METRICS = (EPOCH_IMAGES_PER_SECOND,)  # differ run to run even when the learning is repeatable
 
 BEST_VAL_ACCURACY = "best_val_accuracy"
 BEST_EPOCH = "best_epoch"
@@ -45,6 +47,13 @@ PREDICTIONS_ARTIFACT = "predictions/validation.npz"
 CONFUSION_PNG = "confusion_matrix.png"
 CONFUSION_JSON = "confusion_matrix.json"
 REPORT_JSON = "classification_report.json"
+WEIGHT_CURVE_PNG = "weight_curve.png"  # ensemble run: accuracy against the weight of member A
+
+# Session figures in the parent run (PNG: the MLflow UI shows them inline)
+FIGURES_DIR = "figures"
+EPOCH_CURVES_PNG = f"{FIGURES_DIR}/val_accuracy_per_epoch.png"
+PARAMS_PNG = f"{FIGURES_DIR}/best_accuracy_vs_params.png"
+SESSION_WEIGHT_CURVE_PNG = f"{FIGURES_DIR}/ensemble_weight_curve.png"
 
 # Promotion run (registry.promote): both versions scored on the same labelled split
 CHALLENGER_ACCURACY = "challenger_accuracy"

@@ -228,13 +228,13 @@ class Tuned:
                             raising=False)
 
 
-def mlflow_run(entry: str, params: dict[str, str], workdir: Path, timeout: float = 600):
+def mlflow_run(entry: str, params: dict[str, str], workdir: Path, timeout: float = 600, **env_extra: str):
     """``mlflow run <project> -e ENTRY --env-manager local --experiment-name deepfake -P k=v …`` in
     ``workdir``, as the README shows; returns the CompletedProcess."""
     import subprocess
     import sys
 
-    env = cli_env(workdir)
+    env = cli_env(workdir, **env_extra)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # mlflow runs `python` from here
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(PROJECT_DIR), "-e", entry, "--env-manager",
            "local", "--experiment-name", "deepfake", *[x for k, v in params.items() for x in ("-P", f"{k}={v}")]]
@@ -258,7 +258,9 @@ def tuned(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Tu
     seed_store(mlflow_template, workdir)
     data = workdir / "data"
     synthesize(data, "tiny", 1)
+    # PYTHONWARNINGS=default: deprecations our code triggers show too (they are hidden outside __main__).
     proc = mlflow_run("tune", {"config": "tiny", "data": str(data), "study": "e2e", "n_jobs": "2",
                                "ensemble_method": "best", "augment": "geometric", "convs_per_block": "1",
-                               "storage": f"sqlite:///{workdir / 'optuna.db'}", "no_progress": "true"}, workdir)
+                               "storage": f"sqlite:///{workdir / 'optuna.db'}", "no_progress": "true"}, workdir,
+                      PYTHONWARNINGS="default")
     return Tuned(workdir, data, proc.stdout + proc.stderr)

@@ -204,7 +204,6 @@ def test_todays_parameter_names_keep_working(entry):
     ["promote", "--image-size", "64"],
     ["predict", "--cache-dir", "/tmp/c"],  # image bytes go to the model (promote finds its audit images in the cache)
     ["predict", "--experiment", "x"],  # predict writes a CSV, logs no run
-    ["data", "inspect", "--no-progress"],  # draws no progress bars
 ], ids=lambda argv: " ".join(argv[:-1] if len(argv) > 2 and argv[-1] != "--no-progress" else argv))
 def test_a_flag_a_command_does_not_use_is_refused(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

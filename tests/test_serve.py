@@ -156,7 +156,7 @@ def test_served_champion_answers_like_the_pyfunc_model(server, images, tuned, mo
     predictions = pd.DataFrame(body["predictions"])
     assert list(predictions.columns) == ["label", *PROBS] and len(predictions) == 3
     assert set(predictions["label"]) <= set(range(5))
-    np.testing.assert_allclose(predictions[PROBS].sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(predictions[PROBS].sum(axis=1), 1.0, atol=1e-5)
 
     tuned.use(monkeypatch)
     expected = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}").predict(pd.DataFrame({"image": images}))

@@ -94,12 +94,15 @@ def test_runs_are_repeatable_and_independent_of_other_threads(learnable, tmp_pat
         t.start()
     for t in threads:
         t.join()
+    def learning(history):  # timing figures differ run to run even when the learning is repeatable
+        return [{k: v for k, v in row.items() if k not in M.TIMING_METRICS} for row in history]
+
     for name, run in alone.items():
-        assert together[name].history == run.history, name
+        assert learning(together[name].history) == learning(run.history), name
         for key, value in run.best_state.items():
             assert torch.equal(together[name].best_state[key], value), (name, key)
     other_seed = _thread_run(learnable, tmp_path, "geometric", 7)
-    assert other_seed.history != alone["geometric"].history  # the seed is what makes runs equal
+    assert learning(other_seed.history) != learning(alone["geometric"].history)  # the seed makes runs equal
 
 
 def test_dropout_masks_come_from_the_runs_generator():

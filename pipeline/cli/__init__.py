@@ -9,6 +9,7 @@ import sys
 
 from ..config import ConfigError
 from ..interrupt import install_sigterm
+from ..progress import configure as configure_progress
 from .commands import COMMANDS, Command, build_options, build_preset
 from .errors import one_line, user_error
 from .flags import add_flags, given
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         values = given(args, command.flags())
         preset = build_preset(values)
         check_not_searched(command, values, preset)
-        return command.run(preset, build_options(command.options, values), not values.get("common.no_progress"))
+        quiet, no_progress = bool(values.get("common.quiet")), bool(values.get("common.no_progress"))
+        configure_progress(no_progress=no_progress, quiet=quiet)
+        return command.run(preset, build_options(command.options, values), not (quiet or no_progress))
     except KeyboardInterrupt as exc:
         print(f"interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
         return 130

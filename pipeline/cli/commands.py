@@ -172,7 +172,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("data synth", "write the embedded synthetic dataset", (), SynthOptions, _synth, common=False, progress=False,
             extras={"options.out": ("data",)}),
     Command("data inspect", "validate a dataset and print a summary", (*DATA_AT, *AUDIT, "data.image_size"), None,
-            _inspect, progress=False, names={"data.synth_preset": "preset", "data.synth_seed": "seed"}),
+            _inspect, names={"data.synth_preset": "preset", "data.synth_seed": "seed"}),
     Command("train", "train one architecture as one MLflow run",
             ("data.*", "model.*", "train.*", "tracking.*"), TrainOptions, _train),
     Command("baseline", "SVM (RBF) on flattened standardised pixels, logged like a training run",

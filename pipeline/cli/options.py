@@ -17,7 +17,9 @@ class CommonOptions:
 
 @dataclass(frozen=True)
 class ProgressOptions:
-    no_progress: bool = setting(False, "no progress bars")
+    no_progress: bool = setting(False, "no progress bars: plain progress lines on stderr instead (as when stderr "
+                                       "is not a terminal)")
+    quiet: bool = setting(False, "no progress at all: only errors and the final summary")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..data.layout import index_dataset
+from ..progress import say
 from ..registry.inference import (ModelLoadError, load_model, predict_images, probability_columns,  # noqa: F401
                                   read_images, select_split)
 
@@ -76,8 +77,9 @@ def write_submission(data_cfg: DataConfig, uri: str, out: str | os.PathLike, spl
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'submission.csv'}")
     ensure_default_data(data_cfg)
     entry = select_split(index_dataset(data_cfg.root), split)
-    blobs = read_images(entry.paths)
+    blobs = read_images(entry.paths, progress=progress, desc=f"read and check {split}")
     read_done = time.perf_counter()
+    say(f"loading {uri}")  # tens of seconds on a busy CPU: say what the wait is
     model = load_model(uri, device)
     load_done = time.perf_counter()
     frame = predict_images(model, blobs, batch_size, progress, desc=f"predict {split}")

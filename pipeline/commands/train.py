@@ -12,6 +12,7 @@ from ..config import Preset, flat_params, override
 from ..data import load_dataset
 from ..data.audit import partition
 from ..models import model_kwargs
+from ..progress import EpochLines
 from ..train import build_and_fit, resolve_device
 
 
@@ -36,8 +37,14 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
     with tracking.run_guard(client, run_id):
         tracking.log_params(client, run_id, {**flat_params(preset), "preset": preset.name})
         tracking.log_dataset(client, run_id, data)
-        result = build_and_fit(preset.model, data, preset.data, preset.train,
-                               report=tracking.EpochLogger(client, run_id), progress=progress)
+        logger = tracking.EpochLogger(client, run_id)
+        lines = EpochLines(f"train {preset.model.arch}", preset.train.epochs)
+
+        def report(epoch: int, values: dict[str, float]) -> None:
+            logger(epoch, values)
+            lines(epoch, values)
+
+        result = build_and_fit(preset.model, data, preset.data, preset.train, report=report, progress=progress)
         summary = tracking.log_training_outputs(client, run_id, result, data, preset.model, preset.data,
                                                 preset.train)
         tracking.set_tags(client, run_id, {"precision": result.precision, "stop_reason": result.stop_reason,

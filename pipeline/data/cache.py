@@ -20,6 +20,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from ..progress import Counter
 from .layout import DataError
 
 # torchvision 0.29 announces a move of its codecs to TorchCodec; they work, and the message would
@@ -75,7 +76,8 @@ def decode_hashed(path: Path, image_size: int | None) -> tuple[torch.Tensor, byt
     return image, content
 
 
-def decode_all(paths: tuple[Path, ...], image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+def decode_all(paths: tuple[Path, ...], image_size: int | None,
+               desc: str = "decode") -> tuple[np.ndarray, np.ndarray]:
     """Decode with a thread pool (torchvision's decoders release the GIL) into one array; returns
     (images, N x 32 uint8 content hashes)."""
     first, first_hash = decode_hashed(paths[0], image_size)
@@ -92,9 +94,11 @@ def decode_all(paths: tuple[Path, ...], image_size: int | None) -> tuple[np.ndar
             )
         out[i], hashes[i] = image.numpy(), np.frombuffer(content, np.uint8)
 
-    with ThreadPoolExecutor(DECODE_WORKERS) as pool:
-        # list() re-raises the first worker error here, in the caller.
-        list(pool.map(work, range(1, len(paths))))
+    with ThreadPoolExecutor(DECODE_WORKERS) as pool, Counter(len(paths), desc, leave=False) as counter:
+        counter.update()
+        # Iterating re-raises the first worker error here, in the caller.
+        for _ in pool.map(work, range(1, len(paths))):
+            counter.update()
     return out, hashes
 
 
@@ -114,7 +118,7 @@ def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path
         except (ValueError, OSError, EOFError):
             pass
         cache_file.unlink(missing_ok=True)  # unreadable cache: rebuild it
-    images, hashes = decode_all(paths, image_size)
+    images, hashes = decode_all(paths, image_size, f"decode {tag}")
     _write_atomic(hash_file, hashes, raw=True)  # the hashes first: pixels without them are never a hit
     if _write_atomic(cache_file, images):
         del images  # the file's pages from here on, not a private copy

@@ -95,7 +95,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def member_probs(self, images: list[torch.Tensor]) -> list[np.ndarray]:
         return [member.probs(images, self.batch_size) for member in self.members]
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # The DataFrame hint is what MLflow asks for (no "add type hints" warning); it infers no schema
+    # from it, so the logged signature (a binary ``image`` column) still validates the input.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
             raise invalid_input(f"input must be a table with an 'image' column, got {type(model_input).__name__}")
         if "image" not in model_input.columns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from .calibration import calibrated, variant_logprobs
 from .figures import reliability_figure, weight_figure
 from .rules import RULES, combine
 from .search import Choice, View, calibrate, candidate_pairs, search
+
+# MLflow's log_table selects 'object' columns, which pandas 3 says will stop including str ones.
+warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes are included by select_dtypes")
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def _log(client, result: EnsembleResult, candidates: list[Candidate], ranked: li
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "best_pairs.json").write_text(json.dumps(rows, indent=2))
-        weight_figure(out / "weight_curve.png", va.probs, vb.probs, labels, result)
+        weight_figure(out / M.WEIGHT_CURVE_PNG, va.probs, vb.probs, labels, result)
         reliability_figure(out / "reliability_selection.png", combine(raw[0], raw[1], result.weight, result.method),
                            probs, labels, "selection (in-sample)")
         tracking.write_evaluation(out, labels, probs.astype(np.float32), ids, classes,

@@ -5,7 +5,6 @@ images are a ``DataError`` naming the file), then predicted in batches."""
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.layout import DataError, DatasetIndex, SplitIndex
+from ..progress import Counter
 
 READ_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
@@ -31,7 +31,8 @@ def select_split(index: DatasetIndex, split: str) -> SplitIndex:
     return index.splits[split]
 
 
-def read_images(paths: Sequence[Path], workers: int = READ_WORKERS) -> list[bytes]:
+def read_images(paths: Sequence[Path], workers: int = READ_WORKERS, progress: bool = False,
+                desc: str = "read and check") -> list[bytes]:
     """Each file's encoded bytes, after the dataset layer has decoded it once: an unreadable image is
     a ``DataError`` naming the file, raised before any model is loaded."""
     from ..data.cache import decode_one
@@ -44,8 +45,12 @@ def read_images(paths: Sequence[Path], workers: int = READ_WORKERS) -> list[byte
         decode_one(path, None)  # the dataset layer's rule for what counts as an image
         return blob
 
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(read, paths))
+    blobs = []
+    with ThreadPoolExecutor(workers) as pool, Counter(len(paths), desc, bars=progress, leave=False) as counter:
+        for blob in pool.map(read, paths):
+            blobs.append(blob)
+            counter.update()
+    return blobs
 
 
 def load_model(uri: str, device: str | None = None):
@@ -68,14 +73,10 @@ def load_model(uri: str, device: str | None = None):
 def predict_images(model, blobs: Sequence[bytes], batch_size: int = 256, progress: bool = False,
                    desc: str = "predict") -> pd.DataFrame:
     """``model.predict`` over ``blobs`` in batches; one output row per image, in order."""
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     frames = []
-    bar = tqdm(total=len(blobs), desc=desc, unit="img", disable=not (progress and sys.stderr.isatty()),
-               dynamic_ncols=True)
-    with bar:
+    with Counter(len(blobs), desc, bars=progress) as bar:
         for start in range(0, len(blobs), batch_size):
             chunk = list(blobs[start:start + batch_size])
             out = model.predict(pd.DataFrame({"image": chunk}))

@@ -173,7 +173,7 @@ def promote(data_cfg, model_name: str = "deepfake-ensemble", split: str | None =
     if tags[challenger_v].get("dataset_digest") not in (None, scoring.data_digest):
         print(f"note: the data given (digest {scoring.data_digest}) is not the data v{challenger_v} was built on "
               f"(digest {tags[challenger_v]['dataset_digest']})")
-    blobs = read_images(scoring.paths)
+    blobs = read_images(scoring.paths, progress=progress)
     scored = {v: score_version(model_name, v, blobs, scoring.labels, scoring.num_classes, batch_size, device, progress)
               for v in (challenger_v, champion_v) if v}
     champion = scored.get(champion_v) if champion_v else None

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +20,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+
+# MLflow's SQL store sets up a loader strategy that SQLAlchemy 2.1 deprecates (shown with -W default).
+warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent.parent
 PARENT_TAG = "mlflow.parentRunId"

@@ -212,7 +212,8 @@ def _fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig
             # The mirror images' logits at the best epoch only: the ensemble may choose a test-time flip.
             best_flipped = predict_logits(model, val_x, normalizer, device, precision, cfg.eval_batch_size, flip=True)
         row = {M.TRAIN_LOSS: stats.loss, M.TRAIN_ACCURACY: stats.accuracy, M.VAL_LOSS: val_loss,
-               M.VAL_ACCURACY: val_acc, M.LR: lr}
+               M.VAL_ACCURACY: val_acc, M.LR: lr,
+               M.EPOCH_IMAGES_PER_SECOND: stats.images / stats.seconds if stats.seconds else 0.0}
         history.append(row)
         if hasattr(epochs, "set_postfix"):
             epochs.set_postfix(loss=f"{stats.loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{best_acc:.3f}")

@@ -22,10 +22,13 @@ from .. import tracking
 from ..config import Preset
 from ..data.audit import ids_digest
 from ..ensemble.audit import audit_ensemble
+from ..progress import hushed, say
 from ..ensemble.stage import EnsembleResult, build_ensemble, enough_candidates
 from ..registry.register import register_ensemble
 from ..train import resolve_device
 from .candidates import candidate_fingerprint, load_candidates
+from .figures import log_session_figures
+from .reporting import members_phase, phase
 from .session import RUN_ATTR, Session, open_session
 from .storage import storage_lock
 from .summary import print_summary
@@ -56,11 +59,12 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
     model_name = model_name or preset.study.model_name
     n_jobs = n_jobs or preset.study.n_jobs
     session = open_session(preset, experiment, study_name, storage)
-    print(f"tuning session {session.study_name}: parent run {session.parent_run_id}, "
-          f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
+    say(f"tuning session {session.study_name}: parent run {session.parent_run_id}, "
+        f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
     if setup_only:
         return None
     try:
+        members_phase(session)
         run_members(session, n_jobs, progress)
         while settle(session):  # a lost worker's trial was re-queued meanwhile: run it here
             run_members(session, n_jobs, progress)
@@ -69,7 +73,11 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
         members = {arch: member_summary(session, arch) for arch in preset.study.members}
         with storage_lock(session.storage_url, f"ensemble:{session.study_name}"):
             log_study_figures(session)
-            ensemble, version = ensemble_once(session, model_name)
+            phase(2, f"pair, weight and voting rule over the top {preset.study.top_k} trials of each member "
+                     f"({preset.study.ensemble_trials} search trials on their stored validation probabilities)")
+            with hushed():
+                ensemble, version = ensemble_once(session, model_name)
+            log_session_figures(session)
         tracking.log_metrics(session.client, session.parent_run_id, {
             f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
             if m["best_val_accuracy"] is not None})
@@ -130,6 +138,7 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | 
                 audit = audit_ensemble(result, session.audit.images, session.audit.labels.numpy(),
                                        session.audit.ids, data.classes, session.audit_info.source, client,
                                        resolve_device(session.preset.train.device))
+            phase(3, f"{result.member_a.label} + {result.member_b.label} as a new version of {model_name}")
             version = register_ensemble(client, result, data.classes, data.validation.images, data.digest,
                                         model_name, audit, session.audit_info.spec, ids_digest(session.audit))
     first.set_user_attr("ensemble_fingerprint", fingerprint)

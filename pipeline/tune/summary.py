@@ -6,6 +6,7 @@ import mlflow
 
 from .. import metric_names as M
 from ..tracking import redact
+from ..tracking.links import format_links, session_links
 
 
 def _pct(value) -> str:
@@ -48,3 +49,17 @@ def print_summary(summary) -> None:
         print(f"          registered as version {summary.model_version} (alias @challenger)")
     print(f"\nparent run {summary.parent_run_id}; {summary.seconds:.0f}s")
     print(f"open the UI:  mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}")
+    print_links(summary.parent_run_id)
+
+
+def print_links(parent_run_id: str) -> None:
+    """Where the session is in the UI, in its model-training view (the default view is GenAI's)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        links = session_links(MlflowClient(), parent_run_id)
+    except Exception as exc:  # noqa: BLE001 - the summary above is what matters
+        print(f"(no UI links: {exc})")
+        return
+    print("then, in the UI's model-training view:")
+    print(format_links(links))

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from .. import faults, tracking
 from ..config import DataConfig, ModelConfig, Preset, TrainConfig, flat_params, override
 from ..interrupt import Interrupted
+from ..progress import EpochLines
 from ..train import build_and_fit, resolve_device
 from .conclude import Outcome, conclude, quietly  # noqa: F401 - quietly: run.py's best-effort closes
 from .pruners import PruningReporter
@@ -62,10 +63,11 @@ def session_trial_configs(session: Session, arch: str, trial: optuna.Trial) -> t
 
 
 class Listener:
-    """fit's report callback: log the epoch to MLflow, feed the pruner."""
+    """fit's report callback: log the epoch to MLflow, say where the trial is, feed the pruner."""
 
-    def __init__(self, session: Session, arch: str, trial: optuna.Trial, run_id: str):
+    def __init__(self, session: Session, arch: str, trial: optuna.Trial, run_id: str, epochs: int = 0):
         self.logger = tracking.EpochLogger(session.client, run_id)
+        self.progress = EpochLines(f"{arch} #{trial.number}", epochs)
         self.pruning = PruningReporter(trial)
         self.session, self.arch, self.trial = session, arch, trial
 
@@ -78,6 +80,7 @@ class Listener:
             raise Interrupted("the worker is stopping")
         faults.inject("cuda_oom", self.arch, self.trial.number)
         self.logger(epoch, values)
+        self.progress(epoch, values)  # before the pruner, which may end the trial at this epoch
         self.pruning(epoch, values)
 
 
@@ -103,7 +106,7 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
             trial.set_user_attr(RUN_ATTR, run_id)
             if trial.user_attrs.get("error"):
                 trial.set_user_attr("error", "")  # a retry starts without its predecessor's reason
-            listener = Listener(session, arch, trial, run_id)
+            listener = Listener(session, arch, trial, run_id, train_cfg.epochs)
             params = flat_params(Preset(session.preset.name, data_cfg, model_cfg, train_cfg))
             tracking.log_params(client, run_id, {**params, **{f"optuna.{k}": v for k, v in trial.params.items()}})
             result = build_and_fit(model_cfg, session.data, data_cfg, train_cfg, listener, progress)

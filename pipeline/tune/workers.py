@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import tracking
+from .reporting import trial_finished
 from .session import RUN_ATTR, Session, TuneError, sampler
 from .storage import heartbeat_enabled, storage_lock
 from .trial import run_trial, session_trial_configs
@@ -103,6 +104,7 @@ def run_member_study(session: Session, arch: str, progress: bool = False) -> dic
         if trial is None:
             break
         state = run_trial(session, arch, trial, progress)
+        trial_finished(session, arch, trial)
         counts[state.name] += 1
         if counts["FAIL"] >= max_failures and counts["FAIL"] > counts["COMPLETE"] + counts["PRUNED"]:
             raise TuneError(f"{session.member_study_name(arch)}: {counts['FAIL']} trials failed in this worker; "
