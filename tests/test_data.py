@@ -699,8 +699,8 @@ def test_cli_data_inspect(tmp_path: Path, tiny_dataset: Path, monkeypatch: pytes
         assert list(cache.glob("*.partial")) == []
         assert len(list(cache.glob("validation-*.npy"))) == 1  # only the first run's valid one
         assert list(work.iterdir()) == []
-        with pytest.raises(SystemExit):  # data inspect draws no progress bars, so takes no such flag
-            main(["data", "inspect", "--data", str(tiny_dataset), "--no-progress"])
+        with pytest.raises(SystemExit):  # data inspect logs no run, so takes no --experiment
+            main(["data", "inspect", "--data", str(tiny_dataset), "--experiment", "x"])
     finally:
         signal.signal(signal.SIGTERM, handler)
 

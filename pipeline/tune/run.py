@@ -73,8 +73,8 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
         members = {arch: member_summary(session, arch) for arch in preset.study.members}
         with storage_lock(session.storage_url, f"ensemble:{session.study_name}"):
             log_study_figures(session)
-            phase(2, f"pair, weight and voting rule over the top {preset.study.top_k} trials of each member "
-                     f"({preset.study.ensemble_trials} search trials on their stored validation probabilities)")
+            phase(2, f"pair, test-time flips, voting rule and weight over the top {preset.study.top_k} trials of "
+                     "each member (calibrated, on their stored selection-split logits), then the audit")
             with hushed():
                 ensemble, version = ensemble_once(session, model_name)
             log_session_figures(session)
