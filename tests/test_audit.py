@@ -166,9 +166,9 @@ def test_mcnemar_decides_on_the_images_where_the_versions_disagree():
 # ----------------------------------------------------------------------------- a session, end to end
 
 def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
-    """A tiny tune on data whose test split is unlabelled: trials, the ensemble search and calibration
-    read only the selection split; the audit ids are an artifact of the parent run; a worker with other
-    data cannot join."""
+    """A tiny tune on data whose test split is unlabelled: trials, refits, the ensemble search and
+    calibration read only the selection split; the audit ids are an artifact of the parent run; a
+    worker with other data cannot join."""
     import mlflow
 
     from pipeline.tune import TuneError, open_session, run_tuning
@@ -181,7 +181,7 @@ def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
                  "audit_min_per_class": 1},
         "model": {"convs_per_block": 1},
         "train": {"epochs": 1, "batch_size": 10, "precision": "fp32", "device": "cpu"},
-        "study": {"trials": 1, "pruner": "none", "top_k": 1, "ensemble_method": "best",
+        "study": {"trials": 1, "pruner": "none", "top_k": 1, "ensemble_method": "best", "refit_epochs": 1,
                   "space": {"train.lr": {"low": 1e-3, "high": 2e-3, "log": True}}}}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -201,7 +201,7 @@ def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
     assert parent.data.tags["dataset_digest"] == load_dataset(_cfg(root, tmp_path)).digest
     runs = client.search_runs([parent.info.experiment_id])
     chose = [r for r in runs if r.data.tags.get("kind") in ("trial", "ensemble")]
-    assert len(chose) == 3
+    assert len(chose) == 5  # a search trial and a refit per member, and the ensemble
     for run in chose:  # what each trial's epochs, pruning and top-k read, and the ensemble's search
         npz = np.load(client.download_artifacts(run.info.run_id, M.PREDICTIONS_ARTIFACT, str(tmp_path / run.info.run_id)))
         assert set(npz["ids"]) == selection and not set(npz["ids"]) & audit_ids
@@ -211,6 +211,15 @@ def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
     audit_npz = np.load(client.download_artifacts(ensemble.info.run_id, f"audit/{M.PREDICTIONS_ARTIFACT}",
                                                   str(tmp_path / "audit-dl")))
     assert set(audit_npz["ids"]) == audit_ids
+    # Each member's best trial was continued as a refit, a nested run tagged phase=refit, and the refits
+    # were candidates of the ensemble search like any trial.
+    refits = [r for r in chose if r.data.tags.get("phase") == "refit"]
+    assert sorted(r.data.tags["arch"] for r in refits) == ["cnn_v1", "cnn_v2"]
+    assert all(r.data.tags["refit_of_trial"] == "0" and r.info.status == "FINISHED" for r in refits)
+    pairs = json.loads(Path(client.download_artifacts(ensemble.info.run_id, "best_pairs.json",
+                                                      str(tmp_path / "pairs"))).read_text())
+    in_search = {p["member_a_run_id"] for p in pairs} | {p["member_b_run_id"] for p in pairs}
+    assert {r.info.run_id for r in refits} <= in_search
     tags = client.get_model_version("deepfake-ensemble", summary.model_version).tags
     assert tags["audit_split"] == "validation:0.3:1" and tags["dataset_digest"] == parent.data.tags["dataset_digest"]
 

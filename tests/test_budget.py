@@ -126,3 +126,36 @@ def test_warm_start_enqueues_the_best_k_configurations_of_an_earlier_study(tmp_p
     assert waiting[0].user_attrs["warm_start_from"] == "quick.cnn_v1#1"
     assert warm_start(new, storage, f"quick@{storage}", 3) == {}  # once per session
     assert new["cnn_v1"].ask().suggest_float("lr", 1e-4, 1e-1, log=True) == 2e-3  # the queue comes first
+
+
+def test_admission_in_a_session_follows_the_shared_clock_and_the_measured_epochs(tmp_path, monkeypatch):
+    """The real admission path, on a real storage: with 100 s epochs measured by an earlier trial, a
+    trial is admitted while its first epoch ends before the search phase does, and not after."""
+    import mlflow
+    import yaml
+    from conftest import make_competition_dataset
+
+    from pipeline.config import load_preset
+    from pipeline.tune import open_session
+    from pipeline.tune.workers import admit_trial
+
+    root = make_competition_dataset(tmp_path / "d", size=16, counts={"train": 2, "validation": 2}, test_count=2,
+                                    test_labels=True)
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"data": {"root": str(root)}, "study": {"members": ["cnn_v1"], "trials": 5}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    session = open_session(load_preset(str(preset)), "b", "s", f"sqlite:///{tmp_path / 'optuna.db'}")
+    clock = FakeClock(start=10_000.0)
+    session.clock = clock
+    session.budget = session_budget(session.studies["cnn_v1"], "1000s", 0.2, 60, clock)  # search ends at 10,740
+    study = session.studies["cnn_v1"]
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={EPOCH_SECONDS: [100.0, 100.0]}))
+    clock.now = 10_600.0
+    admitted = admit_trial(session, "cnn_v1")
+    assert admitted is not None  # its first epoch would end at 10,700
+    study.tell(admitted, state=TrialState.FAIL)
+    clock.now = 10_650.0
+    assert admit_trial(session, "cnn_v1") is None  # ... at 10,750: after the search phase

@@ -13,13 +13,16 @@ from optuna.trial import TrialState
 from .. import metric_names as M
 from .. import tracking
 from ..ensemble.stage import Candidate
+from .refit import is_refit
 from .session import RUN_ATTR, Session
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` best search trials, and every finished refit (a continued best configuration)."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and not math.isnan(t.value) and t.user_attrs.get(RUN_ATTR)]
-    return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
+    search = sorted((t for t in complete if not is_refit(t)), key=lambda t: (-t.value, t.number))[:k]
+    return search + [t for t in complete if is_refit(t)]
 
 
 def candidate_fingerprint(session: Session, model_name: str) -> str:

@@ -38,12 +38,12 @@ def make_pruner(name: str, warmup: int, max_epochs: int) -> optuna.pruners.BaseP
 class PruningReporter:
     """``fit``'s report listener for a trial: report the objective, raise ``TrialPruned`` when told."""
 
-    def __init__(self, trial: optuna.Trial):
-        self.trial = trial
+    def __init__(self, trial: optuna.Trial, prune: bool = True):
+        self.trial, self.prune = trial, prune  # prune=False: report only (a refit is never pruned)
         self.last_epoch = 0
 
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
         self.last_epoch = epoch
         self.trial.report(values[M.OBJECTIVE], epoch)
-        if self.trial.should_prune():
+        if self.prune and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")

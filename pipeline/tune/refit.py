@@ -44,3 +44,26 @@ def enqueue_refits(studies: dict[str, optuna.Study], storage_url: str) -> dict[s
                                                          "refit_of_run": best.user_attrs[RUN_ATTR]})
             enqueued[arch] = best.number
     return enqueued
+
+
+def refit_enabled(session) -> bool:
+    s = session.preset.study
+    return s.refit_epochs > 0 or (session.budget is not None and s.refit_fraction > 0)
+
+
+def refit_start(session, trial: optuna.Trial, train_cfg):
+    """(training settings, initial weights) of a refit: the best trial's checkpoint, continued for
+    ``study.refit_epochs`` (or, in a time budget, as long as the refit phase allows, up to
+    ``train.epochs``) at the learning rate its plateau schedule would drop to next."""
+    import tempfile
+    from dataclasses import replace
+
+    from .. import metric_names as M
+    from .. import tracking
+    from ..train.checkpoint import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.download_artifact(session.client, trial.user_attrs["refit_of_run"], M.CHECKPOINT_ARTIFACT, tmp)
+        state = load_checkpoint(path)["state_dict"]
+    epochs = session.preset.study.refit_epochs or train_cfg.epochs
+    return replace(train_cfg, epochs=epochs, lr=train_cfg.lr * train_cfg.lr_factor), state

@@ -26,7 +26,9 @@ from ..progress import hushed, say
 from ..ensemble.stage import EnsembleResult, build_ensemble, enough_candidates
 from ..registry.register import register_ensemble
 from ..train import resolve_device
+from .budget import Clock, session_budget
 from .candidates import candidate_fingerprint, load_candidates
+from .refit import enqueue_refits, refit_enabled
 from .figures import log_session_figures
 from .reporting import members_phase, phase
 from .session import RUN_ATTR, Session, open_session
@@ -49,11 +51,12 @@ class TuneSummary:
     model_version: str | None
     seconds: float
     audit_note: str = ""  # how the audit split was drawn, or that it is off
+    budget_note: str = ""  # how much of the time budget the session used
 
 
 def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | None = None,
                storage: str | None = None, model_name: str | None = None, n_jobs: int | None = None,
-               progress: bool = True, setup_only: bool = False) -> TuneSummary | None:
+               progress: bool = True, setup_only: bool = False, clock: Clock = time.time) -> TuneSummary | None:
     start = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     model_name = model_name or preset.study.model_name
@@ -63,11 +66,23 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
         f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
     if setup_only:
         return None
+    session.clock = clock
+    with storage_lock(session.storage_url, f"session:{session.study_name}"):  # the first worker starts the clock
+        s = preset.study
+        session.budget = session_budget(session.studies[s.members[0]], s.time_budget, s.refit_fraction,
+                                        s.tail_seconds, clock)
     try:
         members_phase(session)
         run_members(session, n_jobs, progress)
+        if refit_enabled(session):
+            continued = enqueue_refits(session.studies, session.storage_url)
+            if continued:
+                say("refit: " + ", ".join(f"{a} #{n}" for a, n in continued.items()) + " continue from their best "
+                    "checkpoints" + (" until the refit phase ends" if session.budget else ""))
+            run_members(session, n_jobs, progress, refit=True)
         while settle(session):  # a lost worker's trial was re-queued meanwhile: run it here
             run_members(session, n_jobs, progress)
+            run_members(session, n_jobs, progress, refit=True)
         for arch in preset.study.members:
             close_lost_runs(session, arch)
         members = {arch: member_summary(session, arch) for arch in preset.study.members}
@@ -89,7 +104,11 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
         close_parent(session, "FAILED", {"error": session.scrub(f"{type(exc).__name__}: {exc}")[:5000]})
         raise
     summary = TuneSummary(session.parent_run_id, members, ensemble, version, time.perf_counter() - start,
-                          session.audit_info.describe())
+                          session.audit_info.describe(),
+                          session.budget.describe_use(clock()) if session.budget else "")
+    if session.budget is not None:
+        tracking.log_metrics(session.client, session.parent_run_id, {
+            "budget_seconds": session.budget.seconds, "budget_used_seconds": clock() - session.budget.started})
     print_summary(summary)
     return summary
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import optuna
@@ -45,6 +46,8 @@ class Session:
     studies: dict[str, optuna.Study] = field(default_factory=dict)
     audit: Split | None = None  # images no choice reads; ``data.validation`` is the selection split
     audit_info: AuditInfo | None = None
+    budget: Any = None  # budget.Budget once a worker has started the session's clock (None: no time budget)
+    clock: Callable[[], float] = time.time  # the wall clock every budget figure is read from
     checked: set[int] = field(default_factory=set)  # ids of finished trials whose run is known closed
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGINT/SIGTERM (n_jobs > 1)
 
@@ -85,6 +88,10 @@ def open_session(preset: Preset, experiment: str | None = None, study_name: str 
                     storage=opened, study_name=f"{study_name}.{arch}", direction="maximize", load_if_exists=True,
                     sampler=sampler(preset, i, 0),
                     pruner=make_pruner(preset.study.pruner, preset.study.pruner_warmup_epochs, preset.train.epochs))
+            if preset.study.warm_start:
+                from .warm_start import warm_start
+
+                warm_start(studies, url, preset.study.warm_start, preset.study.warm_start_k)
     except Exception as exc:
         message = storage_error(url, exc)
         if message is None:

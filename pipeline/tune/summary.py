@@ -47,7 +47,8 @@ def print_summary(summary) -> None:
         else:
             print("          no audit split: these figures are in-sample and flatter the model")
         print(f"          registered as version {summary.model_version} (alias @challenger)")
-    print(f"\nparent run {summary.parent_run_id}; {summary.seconds:.0f}s")
+    print(f"\nparent run {summary.parent_run_id}; {summary.seconds:.0f}s"
+          + (f"; {summary.budget_note}" if summary.budget_note else ""))
     print(f"open the UI:  mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}")
     print_links(summary.parent_run_id)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import threading
+
 import optuna
 import torch
 from optuna.trial import TrialState
@@ -17,9 +18,11 @@ from ..interrupt import Interrupted
 from ..progress import EpochLines
 from ..train import build_and_fit, resolve_device
 from .conclude import Outcome, conclude, quietly  # noqa: F401 - quietly: run.py's best-effort closes
-from .pruners import PruningReporter
-from .session import RUN_ATTR, WORKER, Session
 from . import space
+from .budget import EpochBudget
+from .pruners import PruningReporter
+from .refit import is_refit, refit_start
+from .session import RUN_ATTR, WORKER, Session
 from .storage import heartbeat_enabled
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
@@ -63,12 +66,17 @@ def session_trial_configs(session: Session, arch: str, trial: optuna.Trial) -> t
 
 
 class Listener:
-    """fit's report callback: log the epoch to MLflow, say where the trial is, feed the pruner."""
+    """fit's report callback: log the epoch to MLflow, say where the trial is, feed the pruner (not
+    for a refit), and, in a time budget, stop at the epoch boundary the trial's phase allows."""
 
-    def __init__(self, session: Session, arch: str, trial: optuna.Trial, run_id: str, epochs: int = 0):
+    def __init__(self, session: Session, arch: str, trial: optuna.Trial, run_id: str, epochs: int = 0,
+                 refit: bool = False):
         self.logger = tracking.EpochLogger(session.client, run_id)
-        self.progress = EpochLines(f"{arch} #{trial.number}", epochs)
-        self.pruning = PruningReporter(trial)
+        self.progress = EpochLines(f"{arch} #{trial.number}" + (" refit" if refit else ""), epochs)
+        self.pruning = PruningReporter(trial, prune=not refit)
+        budget = session.budget
+        self.budget = (EpochBudget(trial, budget.refit_end if refit else budget.search_end, session.clock)
+                       if budget is not None else None)
         self.session, self.arch, self.trial = session, arch, trial
 
     @property
@@ -82,6 +90,8 @@ class Listener:
         self.logger(epoch, values)
         self.progress(epoch, values)  # before the pruner, which may end the trial at this epoch
         self.pruning(epoch, values)
+        if self.budget is not None:
+            self.budget(epoch, values)  # StopTraining: fit ends here with its best state
 
 
 def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool = False) -> TrialState:
@@ -96,20 +106,25 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
     with Heartbeat(session.storage, trial._trial_id, session.preset.study.heartbeat_seconds):
         try:
             model_cfg, train_cfg, data_cfg = session_trial_configs(session, arch, trial)
+            refit, initial = is_refit(trial), None
+            if refit:  # the best search trial's checkpoint, continued
+                train_cfg, initial = refit_start(session, trial, train_cfg)
             device = str(resolve_device(train_cfg.device))
             retried_from = RETRY.retried_trial_number(session.storage.get_trial(trial._trial_id))
             run_id = tracking.start_run(
                 client, session.experiment_id, f"{arch}-trial-{trial.number}", parent_run_id=session.parent_run_id,
                 tags={**tracking.standard_tags(device), "kind": "trial", "arch": arch,
                       "optuna.study": study.study_name, "optuna.trial": str(trial.number), "worker": WORKER,
+                      "phase": "refit" if refit else "search",
+                      **({"refit_of_trial": str(trial.user_attrs["refit_of"])} if refit else {}),
                       **({"optuna.retried_from_trial": str(retried_from)} if retried_from is not None else {})})
             trial.set_user_attr(RUN_ATTR, run_id)
             if trial.user_attrs.get("error"):
                 trial.set_user_attr("error", "")  # a retry starts without its predecessor's reason
-            listener = Listener(session, arch, trial, run_id, train_cfg.epochs)
+            listener = Listener(session, arch, trial, run_id, train_cfg.epochs, refit)
             params = flat_params(Preset(session.preset.name, data_cfg, model_cfg, train_cfg))
             tracking.log_params(client, run_id, {**params, **{f"optuna.{k}": v for k, v in trial.params.items()}})
-            result = build_and_fit(model_cfg, session.data, data_cfg, train_cfg, listener, progress)
+            result = build_and_fit(model_cfg, session.data, data_cfg, train_cfg, listener, progress, initial)
             faults.inject("artifact_failure", arch, trial.number)
             tracking.log_training_outputs(client, run_id, result, session.data, model_cfg, data_cfg, train_cfg)
             tracking.set_tags(client, run_id, {"optuna.state": "COMPLETE", "precision": result.precision,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from .session import TuneError
+from ..config import ConfigError
 from .storage import storage_lock
 
 DONE = "warm_started_from"  # member study user attribute: enqueued once per session
@@ -16,7 +16,7 @@ DONE = "warm_started_from"  # member study user attribute: enqueued once per ses
 def parse_spec(spec: str, default_storage: str) -> tuple[str, str]:
     study, _, storage = spec.partition("@")
     if not study:
-        raise TuneError(f"--warm-start {spec!r}: expected STUDY or STUDY@STORAGE")
+        raise ConfigError(f"study.warm_start {spec!r}: expected STUDY or STUDY@STORAGE")
     return study, storage or default_storage
 
 

@@ -2,7 +2,9 @@
 ``n_jobs``), close runs that lost workers left open, and wait for trials running elsewhere.
 
 There is no scheduler: each worker admits its next trial under the storage lock (count, then ask),
-so together any number of workers run exactly ``study.trials`` finished trials per member.
+so together any number of workers run exactly ``study.trials`` finished trials per member. In a
+time budget, a trial is also admitted only while its first epoch fits in the search phase, and the
+member that gets the next trial is the one whose trials have lately bought the most per second.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import tracking
+from .budget import MemberStats, admits, choose_member, epoch_estimates, projected_epoch
+from .refit import is_refit
 from .reporting import trial_finished
 from .session import RUN_ATTR, Session, TuneError, sampler
 from .storage import heartbeat_enabled, storage_lock
@@ -25,12 +29,26 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def taken(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """Trials that count against the budget: finished (complete or pruned) and running ones."""
-    return sum(t.state in FINISHED or t.state == TrialState.RUNNING for t in trials)
+    """Trials that count against ``study.trials``: finished (complete or pruned) and running ones
+    (refits do not count: they continue a finished trial)."""
+    return sum((t.state in FINISHED or t.state == TrialState.RUNNING) and not is_refit(t) for t in trials)
 
 
-def admit_trial(session: Session, arch: str) -> optuna.Trial | None:
-    """Atomically: start the next trial if the budget allows, else None.
+def _refit_waiting(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    return any(t.state == TrialState.WAITING and is_refit(t) for t in trials)
+
+
+def time_allows(session: Session, trials: list[optuna.trial.FrozenTrial], refit: bool) -> bool:
+    """No budget, or the architecture's next epoch (as measured so far) fits in the phase."""
+    budget = session.budget
+    if budget is None:
+        return True
+    estimate = projected_epoch(epoch_estimates([t for t in trials if is_refit(t) == refit] or trials))
+    return admits(budget, session.clock(), estimate, budget.refit_end if refit else budget.search_end)
+
+
+def admit_trial(session: Session, arch: str, refit: bool = False) -> optuna.Trial | None:
+    """Atomically: start the next trial if the budget allows, else None (``refit``: a waiting refit).
 
     Under the storage lock: trials of lost workers (no heartbeat) are failed and re-queued with the
     same parameters, finished and running trials are counted, and the next trial is asked (a
@@ -39,7 +57,11 @@ def admit_trial(session: Session, arch: str) -> optuna.Trial | None:
     with storage_lock(session.storage_url, f"admit:{study.study_name}"):
         optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
-        if taken(trials) >= session.preset.study.trials:
+        if refit and not _refit_waiting(trials):
+            return None
+        if not refit and taken(trials) >= session.preset.study.trials:
+            return None
+        if not time_allows(session, trials, refit):
             return None
         study.sampler = sampler(session.preset, session.preset.study.members.index(arch), len(trials))
         trial = study.ask()  # pops a waiting (re-queued or enqueued) trial first
@@ -112,33 +134,78 @@ def run_member_study(session: Session, arch: str, progress: bool = False) -> dic
     return counts
 
 
-def run_members(session: Session, n_jobs: int = 1, progress: bool = False) -> int:
-    """Each member study in turn; ``n_jobs`` threads share the work (several trials on one GPU).
-    Returns the number of trials this worker ran."""
-    ran = 0
-    for arch in session.preset.study.members:
-        if n_jobs <= 1:
-            ran += sum(run_member_study(session, arch, progress).values())
+def member_stats(session: Session) -> list[MemberStats]:
+    """What the allocator knows of each member study, from the storage (every worker's trials)."""
+    out = []
+    for arch, study in session.studies.items():
+        trials = [t for t in study.get_trials(deepcopy=False) if not is_refit(t)]
+        done = sorted((t for t in trials if t.state in FINISHED and t.datetime_complete),
+                      key=lambda t: t.datetime_complete)
+        seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done if t.datetime_start]
+        best, so_far = [], float("-inf")
+        for t in done:
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                so_far = max(so_far, t.value)
+            best.append(so_far if so_far > float("-inf") else 0.0)
+        out.append(MemberStats(arch, taken(trials), session.preset.study.trials,
+                               sorted(seconds)[len(seconds) // 2] if seconds else None, best))
+    return out
+
+
+def run_search(session: Session, progress: bool = False, refit: bool = False) -> dict[str, int]:
+    """Admit and run trials until no member study admits one: the search (member by member, or by
+    gain per second in a time budget), or the waiting refits. Returns counts by state."""
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    failures: dict[str, int] = {}
+    closed: set[str] = set()
+    max_failures = max(3, session.preset.study.trials)
+    while not session.stopping.is_set():
+        stats = [s for s in member_stats(session) if s.arch not in closed]
+        if refit:
+            arch = stats[0].arch if stats else None
+        else:
+            arch = choose_member(stats, by_value=session.budget is not None)
+        if arch is None:
+            break
+        trial = admit_trial(session, arch, refit)
+        close_lost_runs(session, arch)
+        if trial is None:
+            closed.add(arch)  # at its cap, out of time, or no refit waiting
             continue
-        errors: list[BaseException] = []
-        done: list[int] = []
-        ended = [threading.Event() for _ in range(n_jobs)]
+        state = run_trial(session, arch, trial, progress)
+        trial_finished(session, arch, trial)
+        counts[state.name] += 1
+        failures[arch] = failures.get(arch, 0) + (state == TrialState.FAIL)
+        done = counts["COMPLETE"] + counts["PRUNED"]
+        if failures[arch] >= max_failures and failures[arch] > done:
+            raise TuneError(f"{session.member_study_name(arch)}: {failures[arch]} trials failed in this worker; "
+                            "stopping (see the failed runs' 'error' tag)")
+    return counts
 
-        def work(end: threading.Event) -> None:
-            try:
-                done.append(sum(run_member_study(session, arch, False).values()))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(exc)
-            finally:
-                end.set()
 
-        for end in ended:
-            threading.Thread(target=work, args=(end,)).start()
-        _await_threads(session, ended)
-        if errors:
-            raise errors[0]
-        ran += sum(done)
-    return ran
+def run_members(session: Session, n_jobs: int = 1, progress: bool = False, refit: bool = False) -> int:
+    """The member studies (or the refits), ``n_jobs`` threads sharing the work (several trials on one
+    GPU). Returns the number of trials this worker ran."""
+    if n_jobs <= 1:
+        return sum(run_search(session, progress, refit).values())
+    errors: list[BaseException] = []
+    done: list[int] = []
+    ended = [threading.Event() for _ in range(n_jobs)]
+
+    def work(end: threading.Event) -> None:
+        try:
+            done.append(sum(run_search(session, False, refit).values()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+        finally:
+            end.set()
+
+    for end in ended:
+        threading.Thread(target=work, args=(end,)).start()
+    _await_threads(session, ended)
+    if errors:
+        raise errors[0]
+    return sum(done)
 
 
 def _await_threads(session: Session, ended: list[threading.Event]) -> None:
@@ -165,7 +232,8 @@ def budget_state(session: Session) -> tuple[int, bool]:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
         running += sum(t.state == TrialState.RUNNING for t in trials)
-        open_budget |= taken(trials) < session.preset.study.trials
+        open_budget |= ((taken(trials) < session.preset.study.trials and time_allows(session, trials, False))
+                        or (_refit_waiting(trials) and time_allows(session, trials, True)))
     return running, open_budget
 
 
