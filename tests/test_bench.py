@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from workers import tracking_here  # noqa: F401 - fixture
-from pipeline.bench import SECTIONS, run_bench
+from pipeline.bench import OPTIONAL_SECTIONS, SECTIONS, run_bench
 from pipeline.config import load_preset
 from pipeline.data.augment import BatchGeometric
 from pipeline.data.synth import synthesize
@@ -97,6 +97,42 @@ def test_bench_skips_sections_and_rejects_unknown_ones(tiny_synth: Path, tmp_pat
     assert "ours_flops" not in out["ceiling"]["archs"]["cnn_v1"]
     with pytest.raises(ValueError, match="'training'.*" + ", ".join(SECTIONS)):
         run_bench(preset, skip="training", print_fn=lambda _: None)
+    with pytest.raises(ValueError, match="--also: 'gpu'.*" + ", ".join(OPTIONAL_SECTIONS)):
+        run_bench(preset, also="gpu", print_fn=lambda _: None)
+
+
+@pytest.mark.parametrize(("fraction", "rss_gib", "met"), [(0.71, 1.9, True), (0.69, 1.9, False), (0.71, 2.1, False)])
+def test_step_and_memory_targets(fraction: float, rss_gib: float, met: bool) -> None:
+    from pipeline.bench.report import check_targets
+
+    out = {"ceiling": {"archs": {"cnn_v1": {"ours_fraction_of_peak": fraction}}},
+           "memory": {"peak_rss_bytes": int(rss_gib * 2 ** 30)}}
+    targets = check_targets(out)
+    assert targets["cnn_v1_step_70pct_of_peak"] is (fraction >= 0.70)
+    assert targets["worker_peak_rss_below_2gb"] is (rss_gib < 2.0)
+    assert targets["all_met"] is met
+
+
+def test_rss_probe_reports_the_commands_own_peak_memory(tiny_synth: Path, tmp_path: Path) -> None:
+    # The memory section's probe: the command runs in the probe's process, its exit code is kept and
+    # its peak resident set follows as JSON (from /proc/self/status, so Linux only).
+    import os
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    env = {**os.environ, "DEEPFAKE_TUNE_CACHE": str(tmp_path / "cache")}
+    ok = subprocess.run([sys.executable, "-m", "pipeline.cli.rss_probe", "data", "inspect", "--data",
+                         str(tiny_synth)], capture_output=True, text=True, env=env)
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli.rss_probe", "data", "inspect", "--data",
+                          str(tmp_path / "missing")], capture_output=True, text=True, env=env)
+    assert (ok.returncode, bad.returncode) == (0, 2), bad.stderr
+    for proc in (ok, bad):
+        probe = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RSS_PROBE "))
+        assert probe["VmHWM"] >= probe["VmRSS"] > 0 and probe["VmRSS"] >= probe["RssFile"] > 0
+    # torch alone maps hundreds of MB; a probe of the wrong process (a shell) would not.
+    assert json.loads(ok.stdout.strip().splitlines()[-1].removeprefix("RSS_PROBE "))["VmHWM"] > 100 * 2 ** 20
 
 
 @pytest.mark.parametrize("size", [32, 37])

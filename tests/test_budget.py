@@ -14,6 +14,7 @@ from pipeline.tune.budget import (EPOCH_SECONDS, Budget, EpochBudget, MemberStat
                                   epoch_estimates, projected_epoch, session_budget)
 from pipeline.tune.session import TuneError
 from pipeline.tune.warm_start import warm_start
+from workers import tracking_here  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -159,3 +160,32 @@ def test_admission_in_a_session_follows_the_shared_clock_and_the_measured_epochs
     study.tell(admitted, state=TrialState.FAIL)
     clock.now = 10_650.0
     assert admit_trial(session, "cnn_v1") is None  # ... at 10,750: after the search phase
+
+
+def test_train_with_a_time_budget_stops_at_the_epoch_boundary(tmp_path, tracking_here):
+    """``train --time-budget``: the same clock as ``tune``'s, started before the data loads; the run
+    records why it stopped."""
+    from dataclasses import replace
+
+    from conftest import make_competition_dataset
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.commands.train import run_training
+    from pipeline.config import load_preset
+
+    root = make_competition_dataset(tmp_path / "d", size=16, counts={"train": 4, "validation": 6})
+    preset = load_preset("tiny")
+    preset = replace(preset, data=replace(preset.data, root=str(root), cache_dir=str(tmp_path / "c"),
+                                          audit_fraction=0.0),
+                     train=replace(preset.train, epochs=10, early_stop_patience=10, lr_patience=10, device="cpu"),
+                     study=replace(preset.study, time_budget="45s"))
+    # Every reading 10 s later: the clock starts at 10 (budget ends at 55), the listener's at 20,
+    # epochs end at 30, 40, 50; a 4th would end at 60.
+    outcome = run_training(preset, "budget", progress=False, clock=FakeClock(start=0.0, step=10.0))
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.tags["stop_reason"].startswith("time budget")
+    assert len(MlflowClient().get_metric_history(outcome.run_id, "val_accuracy")) == 3
+    # Without a budget the same run trains every epoch.
+    unbounded = run_training(replace(preset, study=replace(preset.study, time_budget=None)), "budget",
+                             progress=False, clock=FakeClock(start=0.0, step=10.0))
+    assert len(MlflowClient().get_metric_history(unbounded.run_id, "val_accuracy")) == 10

@@ -501,6 +501,29 @@ def test_second_load_is_a_cache_hit_with_identical_tensors(tmp_path: Path, tiny_
     assert "(hit)" in summarize(second) and "(written)" in summarize(first)
 
 
+def _mapped_from(address: int) -> str | None:
+    """The file whose mapping holds ``address`` in this process (``/proc/self/maps``), if any."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split(maxsplit=5)
+        low, high = (int(v, 16) for v in span.split("-"))
+        if low <= address < high:
+            return rest[4].strip() if len(rest) == 5 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_cache_opens_memory_mapped(tmp_path: Path, tiny_dataset: Path) -> None:
+    # Written and hit alike, a split's tensor is the cache file's pages (shared by workers on one
+    # machine), not a private copy in the heap.
+    cache = tmp_path / "cache"
+    for _ in ("written", "hit"):
+        data = load_dataset(config(tiny_dataset, cache))
+        for name, split in data.splits.items():
+            assert _mapped_from(split.images.data_ptr()) == str(split.cache_file), name
+    # A tensor built in memory is not: the check can fail.
+    assert _mapped_from(torch.zeros(1 << 20, dtype=torch.uint8).data_ptr()) != str(data.train.cache_file)
+
+
 def test_changed_image_invalidates_the_cache(tmp_path: Path, tiny_dataset: Path) -> None:
     cache = tmp_path / "cache"
     first = load_dataset(config(tiny_dataset, cache))

@@ -6,10 +6,11 @@
 - ``ceiling``: matmul FLOP/s and each training step's share of it
 - ``inference``: the ensemble pyfunc on PNG bytes against its members' raw forward passes
 - ``search``: epochs to come within one point of the best, pruning against none
+- ``memory``, ``compile`` (opt-in): a ``tune`` worker's peak RSS; ``torch.compile`` modes against eager
 - ``report``: the table, the targets, the JSON line and the MLflow run; ``run``: ``run_bench``
 """
 
 from .run import run_bench
-from .settings import SECTIONS
+from .settings import OPTIONAL_SECTIONS, SECTIONS
 
-__all__ = ["run_bench", "SECTIONS"]
+__all__ = ["run_bench", "OPTIONAL_SECTIONS", "SECTIONS"]

@@ -17,6 +17,11 @@ def check_targets(out: dict[str, Any]) -> dict[str, Any]:
             targets[f"{arch}_accuracy_parity"] = bool(fig["parity"]["within_noise"])
         if "ours" in fig:
             targets[f"{arch}_data_fraction_below_10pct"] = fig["ours"]["data_fraction"] < TARGETS["data_fraction"]
+    for arch, row in out.get("ceiling", {}).get("archs", {}).items():
+        if "ours_fraction_of_peak" in row:
+            targets[f"{arch}_step_70pct_of_peak"] = row["ours_fraction_of_peak"] >= TARGETS["fraction_of_peak"]
+    if "memory" in out:
+        targets["worker_peak_rss_below_2gb"] = out["memory"]["peak_rss_bytes"] < TARGETS["peak_rss_bytes"]
     if "inference" in out:
         targets["inference_ratio_80pct"] = out["inference"]["ratio"] >= TARGETS["inference_ratio"]
     if "search" in out:
@@ -75,6 +80,23 @@ def describe_search(s: dict[str, Any]) -> str:
             f"(best {n['final_best']:.3f}, {n['total_epochs']} in all) -> {s['epoch_ratio']:.2f}")
 
 
+def describe_memory(m: dict[str, Any]) -> str:
+    return (f"memory: tune worker on {m['dataset']}: peak RSS cold cache {m['cold']['VmHWM'] / 2**20:.0f} MiB, "
+            f"warm (mapped) {m['warm']['VmHWM'] / 2**20:.0f} MiB, of which file-backed "
+            f"{m['warm']['RssFile'] / 2**20:.0f} MiB; cache {m['cache_bytes'] / 2**20:.0f} MiB")
+
+
+def describe_compile(c: dict[str, Any]) -> str:
+    parts = []
+    for arch, row in c["archs"].items():
+        for mode in c["modes"]:
+            f = row[mode]
+            parts.append(f"{arch} {mode}: train {f['train_speedup']:.2f}x, eval {f['eval_speedup']:.2f}x after "
+                         f"{f['first_steps_seconds']:.0f}s compiling (adopt: train {_fmt(f['adopt_train'])}, "
+                         f"eval {_fmt(f['adopt_eval'])})")
+    return "torch.compile vs eager: " + "; ".join(parts)
+
+
 def _fmt(value: Any, spec: str = ".1f") -> str:
     if value is None:
         return "-"
@@ -116,6 +138,19 @@ def format_table(out: dict[str, Any]) -> str:
                          f"{a['ours_flops'] / 1e9:.1f} ({a['ours_fraction_of_peak']:.1%} {a['ours_peak']})"
                          if "ours_flops" in a else "-",
                          f"{a['train_flops_per_image'] / 1e9:.3f} GFLOP/img"))
+    if "memory" in out:
+        m = out["memory"]
+        rows.append(("tune worker peak RSS MiB cold / warm", "-",
+                     f"{m['cold']['VmHWM'] / 2**20:.0f} / {m['warm']['VmHWM'] / 2**20:.0f}",
+                     f"target < {TARGETS['peak_rss_bytes'] / 2**20:.0f}; cache {m['cache_bytes'] / 2**20:.0f} MiB mapped"))
+    for arch, row in out.get("compile", {}).get("archs", {}).items():
+        for mode in out["compile"]["modes"]:
+            f = row[mode]
+            rows.append((f"{arch} compile {mode} train / eval img/s",
+                         f"eager {row['eager']['train_images_per_second']:.1f} / "
+                         f"{row['eager']['eval_images_per_second']:.1f}",
+                         f"{f['train_images_per_second']:.1f} / {f['eval_images_per_second']:.1f}",
+                         f"{f['train_speedup']:.2f}x / {f['eval_speedup']:.2f}x (adopt at >= 1.2x)"))
     if "inference" in out:
         i = out["inference"]
         rows.append(("ensemble predict img/s (PNG)", f"members raw {i['members_raw_images_per_second']:.1f}",

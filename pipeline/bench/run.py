@@ -14,6 +14,12 @@ One process, one dataset, the same architectures. Sections (each skippable with 
 - ``search``: on the embedded dataset, the epochs a study spends to come within 1 point of its own
   final best, median pruning against none (same TPE seed, same trial count).
 
+Two more, minutes each, only when asked (``also``):
+
+- ``memory``: the peak resident set of a real ``tune`` worker process on the ``full`` synthetic
+  preset (competition size), cache cold and warm (memory-mapped).
+- ``compile``: ``torch.compile`` modes against eager, training step and evaluation.
+
 ``run_bench`` prints a table and, last, one JSON line with every figure, and returns the same dict.
 """
 
@@ -31,24 +37,30 @@ import torch
 from ..config import DataConfig, Preset
 from ..train import resolve_device, resolve_precision
 from .ceiling import bench_ceiling
+from .compile import bench_compile
 from .inference import bench_inference
-from .report import (check_targets, describe_ceiling, describe_data, describe_inference, describe_search,
+from .memory import bench_memory
+from .report import (check_targets, describe_ceiling, describe_compile, describe_data, describe_inference, describe_memory, describe_search,
                      describe_settings, describe_training, finite, format_table, log_bench_run)
 from .search import bench_search
-from .settings import (DEFAULT_ARCHS, DEFAULT_EPOCHS, DEFAULT_MAX_TRAIN, REFERENCE_BATCH, SECTIONS, BenchSettings,
+from .settings import (DEFAULT_ARCHS, DEFAULT_EPOCHS, DEFAULT_MAX_TRAIN, OPTIONAL_SECTIONS, REFERENCE_BATCH, SECTIONS, BenchSettings,
                        load_bench_data, loadavg, machine_info, subsample)
 from .training import bench_training
 
 def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = None,
-              search_trials: int | None = None, skip: str | None = None, json_path: str | None = None, *,
+              search_trials: int | None = None, skip: str | None = None, json_path: str | None = None,
+              also: str | None = None, *,
               max_train: int | None = DEFAULT_MAX_TRAIN, search_epochs: int = 6,
               search_max_train: int | None = 1000, search_data: DataConfig | None = None,
               search_pruner: str = "median", search_warmup: int | None = None, matmul_size: int = 2048,
               inference_images: int = 256,
               inference_reps: int = 3, model_uri: str | None = None, experiment: str | None = None,
+              memory_root: str | None = None, memory_images_per_epoch: int = 256,
               print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every section not in ``skip`` (comma list of ``SECTIONS``); returns the figures."""
-    skipped = _parse_skip(skip)
+    """Run every section not in ``skip`` (comma list of ``SECTIONS``) and those in ``also`` (comma
+    list of ``OPTIONAL_SECTIONS``); returns the figures."""
+    skipped = _parse_sections(skip, SECTIONS, "skip")
+    extra = _parse_sections(also, OPTIONAL_SECTIONS, "also")
     if search_pruner not in ("median", "hyperband"):
         raise ValueError(f"bench: search_pruner must be median or hyperband, got {search_pruner!r}")
     device = resolve_device(preset.train.device)
@@ -59,7 +71,7 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
         device=str(device), precision=resolve_precision(preset.train.precision, device), lr=preset.train.lr,
         search_trials=search_trials or 8, search_epochs=search_epochs, search_max_train=search_max_train,
         search_pruner=search_pruner, search_warmup=search_warmup, matmul_size=matmul_size,
-        inference_images=inference_images, inference_reps=inference_reps, skip=skipped)
+        inference_images=inference_images, inference_reps=inference_reps, skip=skipped, also=extra)
     out: dict[str, Any] = {"settings": asdict(settings), "machine": machine_info(), "section_seconds": {}}
     clock = out["section_seconds"]
 
@@ -98,6 +110,16 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
         if "search" not in skipped:
             out["search"] = timed("search", lambda: bench_search(settings, search_data))
             print_fn(describe_search(out["search"]))
+        if "compile" in extra:
+            if "data" not in out:
+                data, out["data"] = timed("data", lambda: load_bench_data(data_cfg, tmp_dir / "cache"))
+            out["compile"] = timed("compile", lambda: bench_compile(
+                settings.archs, data.num_classes, data.image_shape, device, settings.precision, seed=settings.seed))
+            print_fn(describe_compile(out["compile"]))
+        if "memory" in extra:
+            out["memory"] = timed("memory", lambda: bench_memory(tmp_dir, memory_root, memory_images_per_epoch,
+                                                                 settings.seed))
+            print_fn(describe_memory(out["memory"]))
     out["targets"] = check_targets(out)
     out["seconds"] = time.perf_counter() - start
     out["machine"]["loadavg_end"] = loadavg()
@@ -112,10 +134,10 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
     return out
 
 
-def _parse_skip(skip: str | None) -> tuple[str, ...]:
-    names = tuple(s.strip() for s in (skip or "").split(",") if s.strip())
-    unknown = [s for s in names if s not in SECTIONS]
+def _parse_sections(spec: str | None, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in (spec or "").split(",") if s.strip())
+    unknown = [s for s in names if s not in known]
     if unknown:
-        raise ValueError(f"bench: unknown section(s) to skip: {', '.join(map(repr, unknown))}; "
-                         f"sections: {', '.join(SECTIONS)}")
+        raise ValueError(f"bench: unknown section(s) for --{flag}: {', '.join(map(repr, unknown))}; "
+                         f"sections: {', '.join(known)}")
     return names

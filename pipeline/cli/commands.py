@@ -156,7 +156,7 @@ def _bench(preset: Preset, opts: BenchOptions, progress: bool) -> int:
     # the store is checked before minutes of measuring.
     _check_tracking()
     run_bench(preset, epochs=opts.epochs, archs=opts.archs, search_trials=opts.search_trials, skip=opts.skip,
-              json_path=opts.json, experiment=preset.tracking.experiment)
+              also=opts.also, json_path=opts.json, experiment=preset.tracking.experiment)
     return 0
 
 
@@ -174,7 +174,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("data inspect", "validate a dataset and print a summary", (*DATA_AT, *AUDIT, "data.image_size"), None,
             _inspect, names={"data.synth_preset": "preset", "data.synth_seed": "seed"}),
     Command("train", "train one architecture as one MLflow run",
-            ("data.*", "model.*", "train.*", "tracking.*"), TrainOptions, _train),
+            ("data.*", "model.*", "train.*", "study.time_budget", "tracking.*"), TrainOptions, _train),
     Command("baseline", "SVM (RBF) on flattened standardised pixels, logged like a training run",
             (*DATA_AT, "data.image_size", "train.seed", "tracking.*"), BaselineOptions, _baseline, progress=False),
     Command("tune", "Optuna member studies, ensemble search, registration",

@@ -73,4 +73,6 @@ class BenchOptions:
     search_trials: int | None = setting(None, "trials per study in the search section (default 8)")
     skip: str | None = setting(None, "comma list of sections to skip (reference, ours, ceiling, inference, "
                                      "search)")
+    also: str | None = setting(None, "comma list of opt-in sections, minutes each: memory (peak RSS of a tune "
+                                     "worker on the full synthetic preset), compile (torch.compile modes)")
     json: str | None = setting(None, "also write the JSON line to this file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -9,11 +10,13 @@ import torch
 from .. import metric_names as M
 from .. import tracking
 from ..config import Preset, flat_params, override
+from ..config.sections import parse_duration
 from ..data import load_dataset
 from ..data.audit import partition
 from ..models import model_kwargs
 from ..progress import EpochLines
 from ..train import build_and_fit, resolve_device
+from ..tune.budget import Clock, EpochBudget
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,10 @@ class TrainOutcome:
 
 
 def run_training(preset: Preset, experiment: str, run_name: str | None = None,
-                 progress: bool = True) -> TrainOutcome:
+                 progress: bool = True, clock: Clock = time.time) -> TrainOutcome:
+    """With ``study.time_budget``: the clock starts here (data loading included, as for ``tune``)
+    and training stops at the epoch boundary where the next epoch would end after it."""
+    started = clock()
     client = tracking.client()
     tracking.check_tracking(client)
     roles = partition(load_dataset(preset.data), preset.data)
@@ -40,9 +46,14 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
         logger = tracking.EpochLogger(client, run_id)
         lines = EpochLines(f"train {preset.model.arch}", preset.train.epochs)
 
+        budget = (EpochBudget(None, started + parse_duration(preset.study.time_budget), clock)
+                  if preset.study.time_budget else None)
+
         def report(epoch: int, values: dict[str, float]) -> None:
             logger(epoch, values)
             lines(epoch, values)
+            if budget is not None:
+                budget(epoch, values)
 
         result = build_and_fit(preset.model, data, preset.data, preset.train, report=report, progress=progress)
         summary = tracking.log_training_outputs(client, run_id, result, data, preset.model, preset.data,
