@@ -189,3 +189,25 @@ def test_train_with_a_time_budget_stops_at_the_epoch_boundary(tmp_path, tracking
     unbounded = run_training(replace(preset, study=replace(preset.study, time_budget=None)), "budget",
                              progress=False, clock=FakeClock(start=0.0, step=10.0))
     assert len(MlflowClient().get_metric_history(unbounded.run_id, "val_accuracy")) == 10
+
+
+def test_refits_in_turn_share_the_refit_phase_evenly():
+    from pipeline.tune.budget import refit_deadline
+
+    # 300 s of refit phase left, two members waiting in one worker: the first gets 100 s, then the
+    # second (one waiting) half of what is left, the last all of it.
+    assert refit_deadline(1000.0, 1300.0, waiting=2) == 1100.0
+    assert refit_deadline(1100.0, 1300.0, waiting=1) == 1200.0
+    assert refit_deadline(1200.0, 1300.0, waiting=0) == 1300.0
+    assert refit_deadline(1400.0, 1300.0, waiting=1) == 1400.0  # past the phase: stop at once
+
+
+def test_exploration_trials_get_an_even_share_of_the_search_phase():
+    from pipeline.tune.budget import search_deadline
+
+    budget = Budget(started=0.0, seconds=1000.0, refit_fraction=0.2, tail_seconds=100.0)  # search ends at 700
+    # 2 members x 3 exploration trials: each may run ~116.7 s from its start, never past the phase.
+    assert search_deadline(budget, 50.0, exploring=True, members=2, explore=3) == pytest.approx(50.0 + 700.0 / 6)
+    assert search_deadline(budget, 650.0, exploring=True, members=2, explore=3) == 700.0
+    # After exploration the pruner decides how far a trial goes, up to the end of the phase.
+    assert search_deadline(budget, 50.0, exploring=False, members=2, explore=3) == 700.0

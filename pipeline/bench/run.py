@@ -55,7 +55,7 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
               search_pruner: str = "median", search_warmup: int | None = None, matmul_size: int = 2048,
               inference_images: int = 256,
               inference_reps: int = 3, model_uri: str | None = None, experiment: str | None = None,
-              memory_root: str | None = None, memory_images_per_epoch: int = 256,
+              memory_root: str | None = None, memory_images_per_epoch: int = 256, compile_steps: int = 10,
               print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every section not in ``skip`` (comma list of ``SECTIONS``) and those in ``also`` (comma
     list of ``OPTIONAL_SECTIONS``); returns the figures."""
@@ -114,7 +114,7 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
             if "data" not in out:
                 data, out["data"] = timed("data", lambda: load_bench_data(data_cfg, tmp_dir / "cache"))
             out["compile"] = timed("compile", lambda: bench_compile(
-                settings.archs, data.num_classes, data.image_shape, device, settings.precision, seed=settings.seed))
+                settings.archs, data.num_classes, data.image_shape, device, settings.precision, compile_steps, settings.seed))
             print_fn(describe_compile(out["compile"]))
         if "memory" in extra:
             out["memory"] = timed("memory", lambda: bench_memory(tmp_dir, memory_root, memory_images_per_epoch,

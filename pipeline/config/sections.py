@@ -128,6 +128,8 @@ class StudyConfig:
     warm_start: str | None = setting(None, "STUDY[@STORAGE]: first try the best configurations of an earlier "
                                            "study (e.g. a quick one on a sample)")
     warm_start_k: int = setting(3, "configurations per member a warm start enqueues")
+    explore_trials: int = setting(3, "in a time budget: trials each member gets before trials go where a second "
+                                     "buys the most; each may use an even share of the search phase")
     space: SearchSpace = setting(help="what the member studies sample: dotted setting -> range or list",
                                  cli=False, default_factory=default_space)
 

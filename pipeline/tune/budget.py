@@ -84,6 +84,24 @@ def admits(budget: Budget, now: float, epoch_seconds: float | None, phase_end: f
     return epoch_seconds is None or now + epoch_seconds <= phase_end
 
 
+def search_deadline(budget: Budget, now: float, exploring: bool, members: int, explore: int) -> float:
+    """Where a search trial must stop. While members are being explored (their first ``explore``
+    trials), each trial gets an even share of the search phase, so the first trial, which successive
+    halving always promotes (it has no rival yet), cannot take the phase from the others; after that,
+    the pruner decides how far a trial goes, up to the end of the phase."""
+    if not exploring:
+        return budget.search_end
+    share = (budget.search_end - budget.started) / max(1, members * explore)
+    return min(budget.search_end, now + share)
+
+
+def refit_deadline(now: float, refit_end: float, waiting: int) -> float:
+    """Where a refit starting ``now`` must stop: an even share of the refit phase left with the
+    ``waiting`` refits not yet started, so one worker refitting members in turn refits every member.
+    (Workers that start refits at the same moment each see fewer waiting and take more.)"""
+    return now + max(0.0, refit_end - now) / (1 + max(0, waiting))
+
+
 class EpochBudget:
     """``fit``'s report listener that keeps a trial inside its phase: it records each epoch's wall
     time on the trial (for every worker's projections) and stops training at the epoch boundary

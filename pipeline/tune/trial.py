@@ -19,7 +19,7 @@ from ..progress import EpochLines
 from ..train import build_and_fit, resolve_device
 from .conclude import Outcome, conclude, quietly  # noqa: F401 - quietly: run.py's best-effort closes
 from . import space
-from .budget import EpochBudget
+from .budget import EpochBudget, refit_deadline, search_deadline
 from .pruners import PruningReporter
 from .refit import is_refit, refit_start
 from .session import RUN_ATTR, WORKER, Session
@@ -75,8 +75,17 @@ class Listener:
         self.progress = EpochLines(f"{arch} #{trial.number}" + (" refit" if refit else ""), epochs)
         self.pruning = PruningReporter(trial, prune=not refit)
         budget = session.budget
-        self.budget = (EpochBudget(trial, budget.refit_end if refit else budget.search_end, session.clock)
-                       if budget is not None else None)
+        self.budget = None
+        if budget is not None:
+            study = session.studies[arch]
+            started = sum(not is_refit(t) and t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+            end = search_deadline(budget, session.clock(), started <= session.preset.study.explore_trials,
+                                  len(session.studies), session.preset.study.explore_trials)
+            if refit:
+                waiting = sum(is_refit(t) for study in session.studies.values()
+                              for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                end = refit_deadline(session.clock(), budget.refit_end, waiting)
+            self.budget = EpochBudget(trial, end, session.clock)
         self.session, self.arch, self.trial = session, arch, trial
 
     @property

@@ -164,7 +164,7 @@ def run_search(session: Session, progress: bool = False, refit: bool = False) ->
         if refit:
             arch = stats[0].arch if stats else None
         else:
-            arch = choose_member(stats, by_value=session.budget is not None)
+            arch = choose_member(stats, session.preset.study.explore_trials, by_value=session.budget is not None)
         if arch is None:
             break
         trial = admit_trial(session, arch, refit)
