@@ -45,7 +45,7 @@ def run_worker(preset: Path, workdir: Path, cache: Path) -> dict[str, Any]:
 
 
 def bench_memory(tmp_dir: Path, data_root: str | None = None, images_per_epoch: int = 256,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, phases: tuple[str, ...] = ("cold", "warm")) -> dict[str, Any]:
     root = Path(data_root) if data_root else tmp_dir / "full"
     t0 = time.perf_counter()
     if not root.exists():
@@ -53,10 +53,10 @@ def bench_memory(tmp_dir: Path, data_root: str | None = None, images_per_epoch: 
     synth_seconds = time.perf_counter() - t0
     cache = tmp_dir / "memory-cache"
     out: dict[str, Any] = {"dataset": str(root), "synth_seconds": synth_seconds, "images_per_epoch": images_per_epoch}
-    for phase in ("cold", "warm"):  # cold: the worker decodes and writes the cache; warm: it maps it
+    for phase in phases:  # cold: the worker decodes and writes the cache (then maps it); warm: it maps it
         workdir = tmp_dir / f"memory-{phase}"
         workdir.mkdir(parents=True, exist_ok=True)
         out[phase] = run_worker(worker_preset(workdir / "preset.yaml", root, images_per_epoch), workdir, cache)
     out["cache_bytes"] = sum(p.stat().st_size for p in cache.glob("*.npy"))
-    out["peak_rss_bytes"] = max(out["cold"]["VmHWM"], out["warm"]["VmHWM"])
+    out["peak_rss_bytes"] = max(out[phase]["VmHWM"] for phase in phases)
     return out

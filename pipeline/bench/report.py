@@ -81,9 +81,9 @@ def describe_search(s: dict[str, Any]) -> str:
 
 
 def describe_memory(m: dict[str, Any]) -> str:
-    return (f"memory: tune worker on {m['dataset']}: peak RSS cold cache {m['cold']['VmHWM'] / 2**20:.0f} MiB, "
-            f"warm (mapped) {m['warm']['VmHWM'] / 2**20:.0f} MiB, of which file-backed "
-            f"{m['warm']['RssFile'] / 2**20:.0f} MiB; cache {m['cache_bytes'] / 2**20:.0f} MiB")
+    phases = ", ".join(f"{p} cache {m[p]['VmHWM'] / 2**20:.0f} MiB (file-backed at exit {m[p]['RssFile'] / 2**20:.0f})"
+                       for p in ("cold", "warm") if p in m)
+    return f"memory: tune worker on {m['dataset']}: peak RSS {phases}; cache {m['cache_bytes'] / 2**20:.0f} MiB mapped"
 
 
 def describe_compile(c: dict[str, Any]) -> str:
@@ -140,8 +140,8 @@ def format_table(out: dict[str, Any]) -> str:
                          f"{a['train_flops_per_image'] / 1e9:.3f} GFLOP/img"))
     if "memory" in out:
         m = out["memory"]
-        rows.append(("tune worker peak RSS MiB cold / warm", "-",
-                     f"{m['cold']['VmHWM'] / 2**20:.0f} / {m['warm']['VmHWM'] / 2**20:.0f}",
+        rows.append(("tune worker peak RSS MiB " + " / ".join(p for p in ("cold", "warm") if p in m), "-",
+                     " / ".join(f"{m[p]['VmHWM'] / 2**20:.0f}" for p in ("cold", "warm") if p in m),
                      f"target < {TARGETS['peak_rss_bytes'] / 2**20:.0f}; cache {m['cache_bytes'] / 2**20:.0f} MiB mapped"))
     for arch, row in out.get("compile", {}).get("archs", {}).items():
         for mode in out["compile"]["modes"]:

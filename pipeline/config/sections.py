@@ -83,7 +83,8 @@ class TrainConfig:
                              choices=("auto", "fp32", "bf16"))
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     seed: int = setting(0, "seed of weight init, shuffling and augmentation (per trial: seed + trial number)")
-    eval_batch_size: int = setting(256, "evaluation batch size")
+    eval_batch_size: int = setting(64, "evaluation batch size (memory grows with it: cnn_v2 at 100 px holds ~5 MB "
+                                                "of activations per image)")
     images_per_epoch: int | None = setting(None, "train on at most this many images per epoch (a fresh random "
                                                  "draw each epoch): finer steps for pruning and budgets on large data")
 

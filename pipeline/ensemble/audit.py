@@ -15,6 +15,7 @@ import torch
 
 from .. import metric_names as M
 from .. import tracking
+from ..train.loop import EVAL_BATCH
 from .calibration import calibrated
 from .figures import reliability_figure
 from .pyfunc import Member
@@ -24,7 +25,7 @@ from .stage import EnsembleResult
 
 
 def audit_probs(result: EnsembleResult, images: torch.Tensor, device: torch.device,
-                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+                batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(ensemble probabilities with temperature 1, calibrated, [each member alone, plain]) for uint8 images."""
     before, after, alone = [], [], []
     for cand, tta, t in ((result.member_a, result.variant_a, result.temperature_a),

@@ -18,6 +18,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from ..config import NUM_CLASSES
+from ..train.loop import EVAL_BATCH
 from .request import decode_request_image, invalid_input
 from .calibration import calibrated, variant_logprobs
 from .rules import combine
@@ -58,7 +59,7 @@ class Member:
                    for img in images]
         return torch.stack(resized)
 
-    def logprobs(self, batch: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    def logprobs(self, batch: torch.Tensor, batch_size: int = EVAL_BATCH) -> np.ndarray:
         """Uncalibrated log-probabilities of uint8 images at the input size, under the test-time variant."""
         from ..train import predict_logits
 
@@ -67,7 +68,7 @@ class Member:
                                   flip=True).numpy() if self.tta == "hflip" else None)
         return variant_logprobs(logits, flipped, self.tta)
 
-    def probs(self, images: list[torch.Tensor], batch_size: int = 256) -> np.ndarray:
+    def probs(self, images: list[torch.Tensor], batch_size: int = EVAL_BATCH) -> np.ndarray:
         return calibrated(self.logprobs(self.prepare(images), batch_size), self.temperature)
 
 

@@ -7,6 +7,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..progress import duration, pct, say
+from .refit import is_refit
 from .session import Session
 
 PHASES = ("member studies", "ensemble search", "registration")
@@ -49,7 +50,11 @@ def trial_finished(session: Session, arch: str, trial: optuna.Trial) -> None:
     try:
         frozen = session.storage.get_trial(trial._trial_id)
         trials = session.studies[arch].get_trials(deepcopy=False)
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        # refits do not count against study.trials, so the count leaves them out
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_refit(t) for t in trials)
     except Exception:  # noqa: BLE001 - a progress line never fails a trial
         return
-    say(trial_line(f"{arch} #{trial.number}", frozen, done, session.preset.study.trials))
+    if is_refit(frozen):
+        say(trial_line(f"{arch} #{trial.number} refit", frozen))
+    else:
+        say(trial_line(f"{arch} #{trial.number}", frozen, done, session.preset.study.trials))
