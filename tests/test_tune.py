@@ -53,6 +53,19 @@ def test_suggest_returns_plain_configs_within_the_space():
     assert model.dropout_features is None and model.dropout_fc == 0.3
 
 
+def _challenger(tuned, monkeypatch):
+    """The tuned session's @challenger version, which carries every tag promote and predict rely on."""
+    tuned.use(monkeypatch)
+    client = _client(tuned)
+    version = client.get_model_version_by_alias("deepfake-ensemble", "challenger")
+    tags = version.tags
+    for key in ("member_a_run_id", "member_b_run_id", "weight", "method", "tta_a", "temperature_a",
+                M.SELECTION_ACCURACY, M.AUDIT_ACCURACY, f"{M.AUDIT_ACCURACY}_low", M.AUDIT_ECE, "dataset_digest",
+                "audit_split"):
+        assert key in tags, key
+    return client, version, tags
+
+
 def _client(tuned) -> MlflowClient:
     return MlflowClient(tracking_uri=tuned.tracking_uri, registry_uri=tuned.tracking_uri)
 
@@ -198,14 +211,7 @@ def test_registered_model_serves_what_was_searched(tuned, tmp_path, monkeypatch)
 
     from pipeline.data.layout import index_dataset
 
-    tuned.use(monkeypatch)
-    client = _client(tuned)
-    version = client.get_model_version_by_alias("deepfake-ensemble", "challenger")
-    tags = version.tags
-    for key in ("member_a_run_id", "member_b_run_id", "weight", "method", "tta_a", "temperature_a",
-                M.SELECTION_ACCURACY, M.AUDIT_ACCURACY, f"{M.AUDIT_ACCURACY}_low", M.AUDIT_ECE, "dataset_digest",
-                "audit_split"):
-        assert key in tags, key
+    client, version, tags = _challenger(tuned, monkeypatch)
     model = mlflow.pyfunc.load_model("models:/deepfake-ensemble@challenger")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
     members = []
@@ -256,14 +262,7 @@ def test_registered_model_votes_its_members_and_resizes_any_png_or_jpeg(tuned, t
     from pipeline.data.layout import index_dataset
     from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-    tuned.use(monkeypatch)
-    client = _client(tuned)
-    version = client.get_model_version_by_alias("deepfake-ensemble", "challenger")
-    tags = version.tags
-    for key in ("member_a_run_id", "member_b_run_id", "weight", "method", "tta_a", "temperature_a",
-                M.SELECTION_ACCURACY, M.AUDIT_ACCURACY, f"{M.AUDIT_ACCURACY}_low", M.AUDIT_ECE, "dataset_digest",
-                "audit_split"):
-        assert key in tags, key
+    client, version, tags = _challenger(tuned, monkeypatch)
     assert tags["method"] in RULES
     model = mlflow.pyfunc.load_model("models:/deepfake-ensemble@challenger", model_config={"precision": "fp32"})
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
