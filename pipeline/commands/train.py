@@ -9,8 +9,7 @@ import torch
 
 from .. import metric_names as M
 from .. import tracking
-from ..config import Preset, flat_params, override
-from ..config.sections import parse_duration
+from ..config import Preset, flat_params, override, parse_duration
 from ..data import load_dataset
 from ..data.audit import partition
 from ..models import model_kwargs

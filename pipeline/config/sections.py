@@ -15,6 +15,10 @@ from .space import SearchSpace, default_space
 
 DEFAULT_DATA = "data/synthetic"
 NUM_CLASSES = 5
+# Images per forward pass when evaluating: at 100 px a cnn_v2 forward pass holds ~7 MB of
+# activations per image (measured: batch 64 adds ~450 MB, batch 256 over 1.3 GB) and a CPU runs
+# batch 64 as fast; a GPU preset sets train.eval_batch_size higher.
+EVAL_BATCH = 64
 NORMALIZATIONS = ("imagenet", "half")
 AUGMENT_POLICIES = ("none", "geometric", "color")  # implemented in data/augment.py (a test ties the two)
 SYNTH_PRESETS = ("tiny", "demo", "full")  # implemented in data/synth.py
@@ -83,8 +87,8 @@ class TrainConfig:
                              choices=("auto", "fp32", "bf16"))
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     seed: int = setting(0, "seed of weight init, shuffling and augmentation (per trial: seed + trial number)")
-    eval_batch_size: int = setting(64, "evaluation batch size (memory grows with it: cnn_v2 at 100 px holds ~5 MB "
-                                                "of activations per image)")
+    eval_batch_size: int = setting(EVAL_BATCH, "evaluation batch size (memory grows with it: cnn_v2 at 100 px "
+                                                        "holds ~7 MB of activations per image)")
     images_per_epoch: int | None = setting(None, "train on at most this many images per epoch (a fresh random "
                                                  "draw each epoch): finer steps for pruning and budgets on large data")
 

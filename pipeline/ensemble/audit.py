@@ -15,7 +15,7 @@ import torch
 
 from .. import metric_names as M
 from .. import tracking
-from ..train.loop import EVAL_BATCH
+from ..config import EVAL_BATCH
 from .calibration import calibrated
 from .figures import reliability_figure
 from .pyfunc import Member
@@ -31,15 +31,15 @@ def audit_probs(result: EnsembleResult, images: torch.Tensor, device: torch.devi
     for cand, tta, t in ((result.member_a, result.variant_a, result.temperature_a),
                          (result.member_b, result.variant_b, result.temperature_b)):
         member = Member(str(cand.checkpoint), device, cand.precision, tta, t)
-        # The split's own tensor when it is already at the member's input size (a stacked copy of
-        # 6,500 competition images is 195 MB); resized once otherwise.
-        batch = (images if tuple(images.shape[-2:]) == member.input_size else member.prepare(list(images)))
+        batch = member.prepare(images)  # the split's own tensor when no resize is needed (no copy)
         logp = member.logprobs(batch, batch_size)
         before.append(calibrated(logp, 1.0))
         after.append(calibrated(logp, t))
-        plain = Member(str(cand.checkpoint), device, cand.precision, "none", 1.0)
-        alone.append(calibrated(plain.logprobs(batch, batch_size), 1.0))
-        del batch
+        if tta == "none":  # the member alone is the same pass
+            alone.append(before[-1])
+        else:
+            plain = Member(str(cand.checkpoint), device, cand.precision, "none", 1.0)
+            alone.append(calibrated(plain.logprobs(batch, batch_size), 1.0))
     mix = lambda p: combine(p[0], p[1], result.weight, result.method)  # noqa: E731
     return mix(before), mix(after), alone
 

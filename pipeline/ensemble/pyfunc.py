@@ -17,8 +17,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from ..config import NUM_CLASSES
-from ..train.loop import EVAL_BATCH
+from ..config import EVAL_BATCH, NUM_CLASSES
 from .request import decode_request_image, invalid_input
 from .calibration import calibrated, variant_logprobs
 from .rules import combine
@@ -51,9 +50,12 @@ class Member:
         self.precision = "bf16" if precision == "bf16" and bf16_supported(device) else "fp32"
         self.tta, self.temperature = tta, float(temperature)
 
-    def prepare(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def prepare(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """uint8 images at the input size, stacked; a batch tensor already at that size is used as it is."""
         from torchvision.transforms.v2 import functional as F
 
+        if isinstance(images, torch.Tensor) and tuple(images.shape[-2:]) == self.input_size:
+            return images
         size = list(self.input_size)
         resized = [img if tuple(img.shape[-2:]) == self.input_size else F.resize(img, size, antialias=True)
                    for img in images]

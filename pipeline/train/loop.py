@@ -19,18 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import metric_names as M
-from ..config import DataConfig, TrainConfig, parse_class_weights
+from ..config import EVAL_BATCH, DataConfig, TrainConfig, parse_class_weights
 from ..data import BatchAugmenter, Dataset, Normalizer
 from ..rng import RunRandom, seeded_dropout
 from .device import autocast, on_device, resolve_device, resolve_precision
 
 Report = Callable[[int, dict[str, float]], None]
-
-
-# Images per forward pass when evaluating: at 100 px, cnn_v2's first block holds 64 x 100 x 100
-# floats per image per layer (2.6 MB), so 256 images peak above 1.3 GB of activations; 64 cost
-# ~330 MB and run as fast on a CPU. (On a GPU, set train.eval_batch_size higher.)
-EVAL_BATCH = 64
 
 
 class NonFiniteLossError(FloatingPointError):

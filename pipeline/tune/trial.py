@@ -65,6 +65,19 @@ def session_trial_configs(session: Session, arch: str, trial: optuna.Trial) -> t
                          preset.data, origin)
 
 
+def phase_end(session: Session, arch: str, refit: bool) -> float:
+    """Where a trial starting now must stop in a time budget (see ``budget.search_deadline`` and
+    ``budget.refit_deadline``), from the member studies' trials in the storage."""
+    budget, now, explore = session.budget, session.clock(), session.preset.study.explore_trials
+    if refit:
+        waiting = sum(is_refit(t) for study in session.studies.values()
+                      for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return refit_deadline(now, budget.refit_end, waiting)
+    started = sum(not is_refit(t) and t.state != TrialState.WAITING
+                  for t in session.studies[arch].get_trials(deepcopy=False))
+    return search_deadline(budget, now, started <= explore, len(session.studies), explore)
+
+
 class Listener:
     """fit's report callback: log the epoch to MLflow, say where the trial is, feed the pruner (not
     for a refit), and, in a time budget, stop at the epoch boundary the trial's phase allows."""
@@ -74,18 +87,8 @@ class Listener:
         self.logger = tracking.EpochLogger(session.client, run_id)
         self.progress = EpochLines(f"{arch} #{trial.number}" + (" refit" if refit else ""), epochs)
         self.pruning = PruningReporter(trial, prune=not refit)
-        budget = session.budget
-        self.budget = None
-        if budget is not None:
-            study = session.studies[arch]
-            started = sum(not is_refit(t) and t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
-            end = search_deadline(budget, session.clock(), started <= session.preset.study.explore_trials,
-                                  len(session.studies), session.preset.study.explore_trials)
-            if refit:
-                waiting = sum(is_refit(t) for study in session.studies.values()
-                              for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-                end = refit_deadline(session.clock(), budget.refit_end, waiting)
-            self.budget = EpochBudget(trial, end, session.clock)
+        self.budget = (EpochBudget(trial, phase_end(session, arch, refit), session.clock)
+                       if session.budget is not None else None)
         self.session, self.arch, self.trial = session, arch, trial
 
     @property
