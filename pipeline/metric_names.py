@@ -15,7 +15,12 @@ EPOCHS_RUN = "epochs_run"
 TRAIN_SECONDS = "train_seconds"
 IMAGES_PER_SECOND = "images_per_second"
 VAL_MACRO_F1 = "val_macro_f1"
-SUMMARY_METRICS = (BEST_VAL_ACCURACY, BEST_EPOCH, EPOCHS_RUN, TRAIN_SECONDS, IMAGES_PER_SECOND)
+EVAL_SECONDS = "eval_seconds"  # wall seconds spent evaluating the selection split during the run
+EVAL_FRACTION = "eval_fraction"  # their share of the run's wall time
+TRAIN_IMAGES = "train_images"  # training images seen (with repetition)
+WALL_SECONDS = "wall_seconds"  # a whole command's wall time, data loading to the last artifact
+SUMMARY_METRICS = (BEST_VAL_ACCURACY, BEST_EPOCH, EPOCHS_RUN, TRAIN_SECONDS, IMAGES_PER_SECOND, EVAL_SECONDS,
+                   EVAL_FRACTION, TRAIN_IMAGES)
 
 # The one number every study maximises and every pruner watches.
 OBJECTIVE = VAL_ACCURACY

@@ -96,22 +96,27 @@ def pct(value: float | None) -> str:
 
 
 class EpochLines:
-    """A ``fit`` report listener: in lines mode, one line per finished epoch,
-    ``cnn_v1 #3 epoch 2/4 val 71.2% best 71.2% 53 img/s`` (on a terminal fit's bar shows the same)."""
+    """A ``fit`` report listener: in lines mode, a line per epoch with an evaluation, and otherwise one
+    at most every ``LINE_EVERY_SECONDS``: ``cnn_v1 #3 epoch 2/4 val 71.2% best 71.2% 53 img/s``
+    (``epochs`` 0: the run's length is a deadline; on a terminal fit's bar shows the same)."""
 
-    def __init__(self, label: str, epochs: int):
-        self.label, self.epochs = label, epochs
+    def __init__(self, label: str, epochs: int, clock: Callable[[], float] = time.monotonic):
+        self.label, self.epochs, self.clock = label, epochs, clock
         self.best: float | None = None
+        self.last = clock()
 
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
         val = values.get(M.VAL_ACCURACY)
         if val is not None and (self.best is None or val > self.best):
             self.best = val
-        if mode() != LINES:
+        if mode() != LINES or (val is None and self.clock() - self.last < LINE_EVERY_SECONDS):
             return
+        self.last = self.clock()
         rate = values.get(M.EPOCH_IMAGES_PER_SECOND)
-        say(f"{self.label} epoch {epoch}/{self.epochs} val {pct(val)} best {pct(self.best)}"
-            + (f" {rate:.0f} img/s" if rate is not None else ""))
+        loss = values.get(M.TRAIN_LOSS)
+        say(f"{self.label} epoch {epoch}" + (f"/{self.epochs}" if self.epochs else "")
+            + (f" loss {loss:.3f}" if loss is not None else "") + f" val {pct(val)} best {pct(self.best)}"
+            + (f" lr {values[M.LR]:.2g}" if M.LR in values else "") + (f" {rate:.0f} img/s" if rate is not None else ""))
 
 
 class Counter:

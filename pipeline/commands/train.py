@@ -13,9 +13,12 @@ from ..config import Preset, flat_params, override, parse_duration
 from ..data import load_dataset
 from ..data.audit import partition
 from ..models import model_kwargs
-from ..progress import EpochLines
-from ..train import build_and_fit, resolve_device
-from ..tune.budget import Clock, EpochBudget
+from ..progress import EpochLines, say
+from ..train import Deadline, build_and_fit, resolve_device
+from ..train.schedule import Clock
+
+# Seconds of a time budget kept after the audit for writing the run's artifacts (checkpoint, figures).
+LOG_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,9 @@ class TrainOutcome:
 
 def run_training(preset: Preset, experiment: str, run_name: str | None = None,
                  progress: bool = True, clock: Clock = time.time) -> TrainOutcome:
-    """With ``study.time_budget``: the clock starts here (data loading included, as for ``tune``)
-    and training stops at the epoch boundary where the next epoch would end after it."""
+    """With ``study.time_budget``: the clock starts here (data loading included, as for ``tune``) and
+    the budget is the run's length: its schedule decays to zero at the deadline, which also leaves the
+    time to evaluate, audit and log (``train.epochs`` does not cap it)."""
     started = clock()
     client = tracking.client()
     tracking.check_tracking(client)
@@ -43,25 +47,30 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
         tracking.log_params(client, run_id, {**flat_params(preset), "preset": preset.name})
         tracking.log_dataset(client, run_id, data)
         logger = tracking.EpochLogger(client, run_id)
-        lines = EpochLines(f"train {preset.model.arch}", preset.train.epochs)
-
-        budget = (EpochBudget(None, started + parse_duration(preset.study.time_budget), clock)
-                  if preset.study.time_budget else None)
+        deadline = None
+        if preset.study.time_budget:
+            end = started + parse_duration(preset.study.time_budget) - LOG_SECONDS
+            deadline = Deadline(end, clock, after_images=len(roles.audit) if roles.audit is not None else 0)
+            say(f"train {preset.model.arch}: {preset.train.schedule} schedule to the deadline in "
+                f"{end - clock():.0f} s (the time budget sets the length; train.epochs={preset.train.epochs} does "
+                "not cap it)")
+        lines = EpochLines(f"train {preset.model.arch}", 0 if deadline else preset.train.epochs)
 
         def report(epoch: int, values: dict[str, float]) -> None:
             logger(epoch, values)
             lines(epoch, values)
-            if budget is not None:
-                budget(epoch, values)
 
-        result = build_and_fit(preset.model, data, preset.data, preset.train, report=report, progress=progress)
+        result = build_and_fit(preset.model, data, preset.data, preset.train, report=report, progress=progress,
+                               deadline=deadline)
         summary = tracking.log_training_outputs(client, run_id, result, data, preset.model, preset.data,
                                                 preset.train)
         tracking.set_tags(client, run_id, {"precision": result.precision, "stop_reason": result.stop_reason,
-                                           "audit_split": roles.info.spec})
+                                           "audit_split": roles.info.spec, "kept_weights": result.kept})
         if roles.audit is not None:
             summary |= audit_accuracy(result, preset, roles.audit, device)
             tracking.log_metrics(client, run_id, summary, step=result.best_epoch)
+        summary |= {M.WALL_SECONDS: clock() - started}
+        tracking.log_metrics(client, run_id, {M.WALL_SECONDS: summary[M.WALL_SECONDS]}, step=result.best_epoch)
     return TrainOutcome(run_id, summary)
 
 

@@ -20,8 +20,9 @@ NUM_CLASSES = 5
 # batch 64 as fast; a GPU preset sets train.eval_batch_size higher.
 EVAL_BATCH = 64
 NORMALIZATIONS = ("imagenet", "half")
-AUGMENT_POLICIES = ("none", "geometric", "color")  # implemented in data/augment.py (a test ties the two)
+AUGMENT_POLICIES = ("none", "geometric", "color", "shift")  # implemented in data/augment.py (a test ties the two)
 SYNTH_PRESETS = ("tiny", "demo", "full")  # implemented in data/synth.py
+SCHEDULES = ("linear", "cosine", "plateau")  # train/schedule.py: DECAYS holds the decaying ones
 PRUNERS = ("median", "hyperband", "asha", "none", "always")  # implemented in tune/pruners.py; always: tests only
 ENSEMBLE_METHODS = (*RULES, "best")  # best: every rule is searched, the selection winner kept
 
@@ -33,7 +34,8 @@ class DataConfig:
     image_size: int | None = setting(None, "resize images to this square size (default: their native size)")
     normalize: str = setting("imagenet", "input normalisation", choices=NORMALIZATIONS)
     augment: str = setting("geometric", "training augmentation policy (geometric: reference 1's, color: "
-                                        "reference 2's)", choices=AUGMENT_POLICIES)
+                                        "reference 2's, shift: flip + whole-pixel shift up to 6 px)",
+                           choices=AUGMENT_POLICIES)
     cutmix_alpha: float = setting(0.0, "CutMix with Beta(alpha, alpha) when > 0 (0 = off)")
     mixup_alpha: float = setting(0.0, "MixUp with Beta(alpha, alpha) when > 0 (0 = off)")
     cache_dir: str | None = setting(None, "decode cache folder (default $DEEPFAKE_TUNE_CACHE or "
@@ -80,9 +82,18 @@ class TrainConfig:
     optimizer: str = setting("adam", "optimiser", choices=("adam", "adamw"))
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss")
     class_weights: str = setting("none", "loss class weights: none, balanced or 5 numbers such as 1.9,1,1,1,1.7")
-    lr_patience: int = setting(5, "epochs without a better validation accuracy before the learning rate drops")
-    lr_factor: float = setting(0.5, "factor the learning rate is multiplied by when it drops")
-    early_stop_patience: int = setting(15, "epochs without a better validation accuracy before training stops")
+    schedule: str = setting("linear", "learning-rate schedule: linear or cosine decay to zero at the run's end (its "
+                                      "deadline in a time budget, else its last epoch; the last weights are the "
+                                      "model), or plateau (drops on a stalled selection accuracy, best epoch kept)",
+                            choices=SCHEDULES)
+    warmup: float = setting(0.03, "share of the run over which the learning rate warms up (linear, cosine)")
+    evaluations: int = setting(4, "selection-split evaluations spread over a linear/cosine run, the last at its end "
+                                  "(fewer when they would take over 5 % of its time)")
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, kept as the model (0 = off)")
+    lr_patience: int = setting(5, "plateau only: epochs without a better selection accuracy before the rate drops")
+    lr_factor: float = setting(0.5, "plateau only: factor the learning rate is multiplied by when it drops")
+    early_stop_patience: int = setting(15, "plateau only: epochs without a better selection accuracy before "
+                                           "training stops (0 = never)")
     precision: str = setting("auto", "auto: bf16 autocast where the hardware has it, else fp32",
                              choices=("auto", "fp32", "bf16"))
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -100,6 +111,9 @@ class TrainConfig:
         check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         check(self.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", self.eval_batch_size)
         check(self.lr > 0, "train.lr", "> 0", self.lr)
+        check(0 <= self.warmup < 1, "train.warmup", "in [0, 1)", self.warmup)
+        check(self.evaluations >= 1, "train.evaluations", ">= 1", self.evaluations)
+        check(0 <= self.ema < 1, "train.ema", "in [0, 1)", self.ema)
         check(self.images_per_epoch is None or self.images_per_epoch >= 2, "train.images_per_epoch", ">= 2",
               self.images_per_epoch)
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "in [0, 1)", self.label_smoothing)
@@ -123,18 +137,23 @@ class StudyConfig:
     model_name: str = setting("deepfake-ensemble", "registered model name")
     n_jobs: int = setting(1, "trials in parallel in this process (threads; several trials on one GPU)")
     time_budget: str | None = setting(None, "wall clock of the whole session, shared by all its workers: 30m, 2h, "
-                                            "90s (members, refit, ensemble and registration; trials and epochs "
-                                            "stay caps)")
-    refit_fraction: float = setting(0.2, "share of a time budget that continues each member's best configuration")
+                                            "90s; a plan made from measured speeds splits it into search, final "
+                                            "runs, ensemble and registration (train: the run's length)")
+    final_fraction: float = setting(0.6, "in a time budget with a search: share of the usable time for the final "
+                                         "runs (the plan gives it all to them when there is no search)")
+    rung_fraction: float = setting(0.25, "in a time budget: a search run's length relative to a final run's (at "
+                                         "least one pass over the training data)")
+    min_configs: int = setting(3, "in a time budget: configurations per member (its default included) a search "
+                                  "must afford, else the plan makes none")
+    pair_min_passes: float = setting(12.0, "in a time budget: passes over the training data each of two final runs "
+                                           "must get for the plan to train a pair rather than one member")
     refit_epochs: int = setting(0, "without a time budget: epochs that continue each member's best configuration "
-                                   "(0 = no refit)")
+                                   "(0 = no refit; a time budget has final runs instead)")
     tail_seconds: float = setting(60.0, "seconds of a time budget kept for the ensemble search, audit and "
                                         "registration")
     warm_start: str | None = setting(None, "STUDY[@STORAGE]: first try the best configurations of an earlier "
                                            "study (e.g. a quick one on a sample)")
     warm_start_k: int = setting(3, "configurations per member a warm start enqueues")
-    explore_trials: int = setting(3, "in a time budget: trials each member gets before trials go where a second "
-                                     "buys the most; each may use an even share of the search phase")
     space: SearchSpace = setting(help="what the member studies sample: dotted setting -> range or list",
                                  cli=False, default_factory=default_space)
 
@@ -147,7 +166,10 @@ class StudyConfig:
               self.ensemble_weight_step)
         if not self.members:
             raise ConfigError("study.members must name at least one architecture")
-        check(0 <= self.refit_fraction < 0.9, "study.refit_fraction", "in [0, 0.9)", self.refit_fraction)
+        check(0 < self.final_fraction <= 1, "study.final_fraction", "in (0, 1]", self.final_fraction)
+        check(0 < self.rung_fraction <= 1, "study.rung_fraction", "in (0, 1]", self.rung_fraction)
+        check(self.min_configs >= 2, "study.min_configs", ">= 2", self.min_configs)
+        check(self.pair_min_passes >= 0, "study.pair_min_passes", ">= 0", self.pair_min_passes)
         check(self.refit_epochs >= 0, "study.refit_epochs", ">= 0", self.refit_epochs)
         check(self.tail_seconds >= 0, "study.tail_seconds", ">= 0", self.tail_seconds)
         check(self.warm_start_k >= 1, "study.warm_start_k", ">= 1", self.warm_start_k)

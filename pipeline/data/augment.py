@@ -40,8 +40,9 @@ def _color() -> v2.Transform:  # reference 2
     ])
 
 
-# The two reference solutions' training augmentations, by name (config.AUGMENT_POLICIES lists the same names).
-POLICIES = {"none": lambda: None, "geometric": _geometric, "color": _color}
+# The two reference solutions' training augmentations and a resampling-free one, by name
+# (config.AUGMENT_POLICIES lists the same names; "shift" and "geometric" run batched, see BatchShift/BatchGeometric).
+POLICIES = {"none": lambda: None, "geometric": _geometric, "color": _color, "shift": lambda: BatchShift()}
 
 
 def build_policy(name: str) -> v2.Transform | None:
@@ -179,6 +180,30 @@ class BatchGeometric:
         return warped[:, :c] * warped[:, c:]
 
 
+class BatchShift:
+    """Horizontal flip (p=0.5) and a shift by up to ``pixels`` whole pixels in x and y (zero fill), per
+    image, batched. No resampling: the generators' pixel-grid artefacts, which tell the classes apart,
+    are moved, never interpolated (the ablation in the README measures it against ``geometric``)."""
+
+    def __init__(self, pixels: int = 6, flip_p: float = 0.5):
+        self.pixels, self.flip_p = pixels, flip_p
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if n == 0:
+            return x
+        p = self.pixels
+        flip = torch.rand(n, device=x.device, generator=generator) < self.flip_p
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        dy, dx = torch.randint(0, 2 * p + 1, (2, n, 1), device=x.device, generator=generator)
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        rows = (dy + torch.arange(h, device=x.device)).view(n, 1, h, 1)  # crop window of each image
+        cols = (dx + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+        return padded[batch, chans, rows, cols]
+
+
 class BatchAugmenter:
     """Training-time batch transform: augment (per image for ``geometric``, else per group of
     ``group_size``), optional CutMix/MixUp, normalise.
@@ -191,7 +216,7 @@ class BatchAugmenter:
     def __init__(self, policy: str, normalize: str, device: torch.device, num_classes: int,
                  cutmix_alpha: float = 0.0, mixup_alpha: float = 0.0, group_size: int = 8,
                  random: RunRandom | None = None):
-        self.policy = BatchGeometric() if policy == "geometric" else build_policy(policy)
+        self.policy = BatchGeometric() if policy == "geometric" else build_policy(policy)  # shift: BatchShift
         self.mix = build_mix(cutmix_alpha, mixup_alpha, num_classes)
         self.normalizer = Normalizer(normalize, device)
         self.group_size = group_size
@@ -210,7 +235,7 @@ class BatchAugmenter:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalizer.scale(x)
-        if isinstance(self.policy, BatchGeometric):  # per-image parameters, whole-batch kernels
+        if isinstance(self.policy, (BatchGeometric, BatchShift)):  # per-image parameters, whole-batch kernels
             x = self.policy(x, self.random.device if self.random is not None else None)
         elif self.policy is not None:
             x = self._global(lambda: torch.cat([self.policy(chunk) for chunk in x.split(self.group_size)]))

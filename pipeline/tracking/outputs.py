@@ -101,7 +101,8 @@ def log_training_outputs(mlflow_client: MlflowClient, run_id: str, result, data,
         # What the ensemble reads: the selection split's probabilities and logits at the best epoch (and of
         # the mirror images), computed at the precision the trial ran at (the served model uses the same).
         report = write_evaluation(out, y_val, result.val_probs, data.validation.ids, data.classes,
-                                  f"{model_cfg.arch}: {data.validation.name} split (epoch {result.best_epoch})",
+                                  f"{model_cfg.arch}: {data.validation.name} split ({result.kept}, "
+                                  f"epoch {result.best_epoch})",
                                   logits=result.val_logits, logits_flipped=result.val_logits_flipped,
                                   precision=result.precision, split=data.validation.name)
         save_checkpoint(out / M.CHECKPOINT_ARTIFACT, result.best_state, model_cfg, data_cfg, train_cfg,
@@ -114,6 +115,9 @@ def log_training_outputs(mlflow_client: MlflowClient, run_id: str, result, data,
         M.EPOCHS_RUN: result.epochs_run,
         M.TRAIN_SECONDS: result.train_seconds,
         M.IMAGES_PER_SECOND: result.images_per_second,
+        M.EVAL_SECONDS: result.eval_seconds,
+        M.EVAL_FRACTION: result.eval_fraction,
+        M.TRAIN_IMAGES: result.images,
         **per_class_metrics(report, data.classes),
     }
     log_metrics(mlflow_client, run_id, summary, step=result.best_epoch)

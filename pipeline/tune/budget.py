@@ -1,11 +1,11 @@
 """The time budget of a session: one wall clock shared by every worker through the storage.
 
-The budget is cut into phases: the member search, then the refit (``study.refit_fraction``), then a
-tail (``study.tail_seconds``) for the ensemble search, the audit and registration. A trial is
-admitted only while its first epoch is projected to end inside its phase (seconds per epoch are
-measured for each architecture and batch size as trials run, and stored on the trials, so every
-worker projects with every worker's measurements); a running trial stops at the epoch boundary
-when its next epoch would not end in time, as a finished trial with its best state.
+The budget is cut into phases by the session's plan (``plan.py``): the member search, then the final
+runs, then a tail (``study.tail_seconds``) for the ensemble search, the audit and registration. A
+search trial is admitted only while its run is projected to end inside the search phase (seconds per
+epoch are measured as trials run and stored on the trials, so every worker projects with every
+worker's measurements); as a safety, a search run stops at the epoch boundary where its next epoch
+would end after the phase. A final run's schedule ends at its share of the final phase.
 
 Everything here takes the clock as an argument (``time.time`` in use, a fake in tests).
 """
@@ -30,7 +30,7 @@ SECONDS = "budget_seconds"
 class Budget:
     started: float  # wall clock (time.time) when the session's first worker started
     seconds: float
-    refit_fraction: float
+    final_seconds: float  # the final runs' phase (the plan's)
     tail_seconds: float
 
     @property
@@ -38,15 +38,15 @@ class Budget:
         return self.started + self.seconds
 
     @property
-    def refit_end(self) -> float:
+    def final_end(self) -> float:
         return self.end - min(self.tail_seconds, 0.5 * self.seconds)
 
     @property
     def search_end(self) -> float:
-        return self.refit_end - self.refit_fraction * self.seconds
+        return self.final_end - self.final_seconds
 
     def phase(self, now: float) -> str:
-        return "search" if now < self.search_end else "refit" if now < self.refit_end else "tail"
+        return "search" if now < self.search_end else "final" if now < self.final_end else "tail"
 
     def describe_use(self, now: float) -> str:
         used = now - self.started
@@ -84,22 +84,11 @@ def admits(budget: Budget, now: float, epoch_seconds: float | None, phase_end: f
     return epoch_seconds is None or now + epoch_seconds <= phase_end
 
 
-def search_deadline(budget: Budget, now: float, exploring: bool, members: int, explore: int) -> float:
-    """Where a search trial must stop. While members are being explored (their first ``explore``
-    trials), each trial gets an even share of the search phase, so the first trial, which successive
-    halving always promotes (it has no rival yet), cannot take the phase from the others; after that,
-    the pruner decides how far a trial goes, up to the end of the phase."""
-    if not exploring:
-        return budget.search_end
-    share = (budget.search_end - budget.started) / max(1, members * explore)
-    return min(budget.search_end, now + share)
-
-
-def refit_deadline(now: float, refit_end: float, waiting: int) -> float:
-    """Where a refit starting ``now`` must stop: an even share of the refit phase left with the
-    ``waiting`` refits not yet started, so one worker refitting members in turn refits every member.
-    (Workers that start refits at the same moment each see fewer waiting and take more.)"""
-    return now + max(0.0, refit_end - now) / (1 + max(0, waiting))
+def final_deadline(now: float, final_end: float, waiting: int) -> float:
+    """Where a final run starting ``now`` ends: an even share of the final phase left with the
+    ``waiting`` final runs not yet started, so one worker running them in turn runs every one.
+    (Workers that start final runs at the same moment each see fewer waiting and take more.)"""
+    return now + max(0.0, final_end - now) / (1 + max(0, waiting))
 
 
 class EpochBudget:
@@ -130,43 +119,27 @@ class MemberStats:
     """What the allocator knows of one member study."""
 
     arch: str
-    taken: int  # finished + running trials (the budget count)
-    cap: int  # study.trials
-    trial_seconds: float | None  # median wall seconds of its finished trials
-    best: list[float]  # best value so far after each finished trial, in order
+    taken: int  # finished + running search trials
+    cap: int  # configurations the plan gives it (study.trials without a plan)
 
 
-def gain_per_second(stats: MemberStats) -> float:
-    """Recent improvement of the best value per trial (the last half of its trials), per second a
-    trial costs: what one more second on this member has been buying lately."""
-    n = len(stats.best)
-    half = n // 2
-    recent = (stats.best[-1] - stats.best[half - 1]) / (n - half) if half else stats.best[-1]
-    # a member that stopped improving keeps a small share, so the estimate can change
-    return max(recent, 1e-3) / max(stats.trial_seconds or 1.0, 1e-6)
+def choose_member(stats: list[MemberStats], by_plan: bool = True) -> str | None:
+    """The member study that gets the next search trial, or None when every one has met its cap.
 
-
-def choose_member(stats: list[MemberStats], explore: int = 3, by_value: bool = True) -> str | None:
-    """The member study that gets the next trial, or None when every one has met its cap.
-
-    Without ``by_value`` (no time budget): the first member with trials left, as before. With it:
-    every member first gets ``explore`` trials (cost and gain are unknown before); then the one whose
-    trials have lately bought the most improvement per second: a slow architecture or configuration
-    must earn its cost.
-    """
+    With the plan's quotas (``by_plan``): the member furthest from its quota (the lowest share
+    taken; ties to the earlier member), so members fill their quotas together and nothing a trial
+    does (pruned, cheap, slow) draws more trials to its member. Without: the first member with
+    trials left, member by member."""
     open_ = [s for s in stats if s.taken < s.cap]
     if not open_:
         return None
-    if not by_value:
+    if not by_plan:
         return open_[0].arch
-    unexplored = [s for s in open_ if len(s.best) < explore or s.trial_seconds is None]
-    if unexplored:
-        return min(unexplored, key=lambda s: (s.taken, stats.index(s))).arch
-    return max(open_, key=lambda s: (gain_per_second(s), -stats.index(s))).arch
+    return min(open_, key=lambda s: (s.taken / s.cap, stats.index(s))).arch
 
 
-def session_budget(study: optuna.Study, time_budget: str | None, refit_fraction: float, tail_seconds: float,
-                   clock: Clock) -> Budget | None:
+def session_budget(study: optuna.Study, time_budget: str | None, tail_seconds: float,
+                   clock: Clock, started: float | None = None) -> Budget | None:
     """The session's budget, shared through the storage: the first worker that starts (not
     ``--setup-only``) records the start and the length on the first member study; every other
     worker reads them. None: no budget. Call under the session lock."""
@@ -180,9 +153,11 @@ def session_budget(study: optuna.Study, time_budget: str | None, refit_fraction:
     if stored is not None and abs(float(stored) - seconds) > 1e-6:
         raise TuneError(f"this worker's --time-budget ({_fmt(seconds)}) differs from the session's ({_fmt(stored)}); "
                         "workers share one budget: leave it out, or start a new --study")
-    started = study.user_attrs.get(STARTED)
-    if started is None:
-        started = clock()
+    stored_start = study.user_attrs.get(STARTED)
+    if stored_start is None:
+        started = clock() if started is None else started
         study.set_user_attr(STARTED, started)
         study.set_user_attr(SECONDS, seconds)
-    return Budget(float(started), seconds, refit_fraction, tail_seconds)
+    else:
+        started = stored_start
+    return Budget(float(started), seconds, 0.0, tail_seconds)  # the plan sets final_seconds

@@ -44,6 +44,8 @@ class PruningReporter:
 
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
         self.last_epoch = epoch
+        if M.OBJECTIVE not in values:  # an epoch without an evaluation (a decaying schedule's cadence)
+            return
         self.trial.report(values[M.OBJECTIVE], epoch)
         if self.prune and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")

@@ -15,12 +15,18 @@ from .session import RUN_ATTR
 from .storage import storage_lock
 
 PHASE = "phase"
-REFIT = "refit"
+REFIT = "refit"  # without a time budget: the best trial continued (study.refit_epochs)
+FINAL = "final"  # in a time budget: the plan's final run (phases.py)
 DONE = "refit_enqueued"  # member study user attribute
 
 
 def is_refit(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
-    return trial.user_attrs.get(PHASE) == REFIT
+    """A refit or a final run: not a search trial (not counted, never pruned)."""
+    return trial.user_attrs.get(PHASE) in (REFIT, FINAL)
+
+
+def is_final(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
+    return trial.user_attrs.get(PHASE) == FINAL
 
 
 def best_search_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -47,14 +53,13 @@ def enqueue_refits(studies: dict[str, optuna.Study], storage_url: str) -> dict[s
 
 
 def refit_enabled(session) -> bool:
-    s = session.preset.study
-    return s.refit_epochs > 0 or (session.budget is not None and s.refit_fraction > 0)
+    """Without a time budget: refits when ``study.refit_epochs`` asks (a budget has final runs instead)."""
+    return session.budget is None and session.preset.study.refit_epochs > 0
 
 
 def refit_start(session, trial: optuna.Trial, train_cfg):
     """(training settings, initial weights) of a refit: the best trial's checkpoint, continued for
-    ``study.refit_epochs`` (or, in a time budget, as long as the refit phase allows, up to
-    ``train.epochs``) at the learning rate its plateau schedule would drop to next."""
+    ``study.refit_epochs`` at the learning rate its plateau schedule would drop to next."""
     import tempfile
     from dataclasses import replace
 
@@ -65,5 +70,5 @@ def refit_start(session, trial: optuna.Trial, train_cfg):
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_artifact(session.client, trial.user_attrs["refit_of_run"], M.CHECKPOINT_ARTIFACT, tmp)
         state = load_checkpoint(path)["state_dict"]
-    epochs = session.preset.study.refit_epochs or train_cfg.epochs
+    epochs = session.preset.study.refit_epochs
     return replace(train_cfg, epochs=epochs, lr=train_cfg.lr * train_cfg.lr_factor), state

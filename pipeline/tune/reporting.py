@@ -19,6 +19,13 @@ def phase(number: int, text: str) -> None:
 
 def members_phase(session: Session) -> None:
     s, t = session.preset.study, session.preset.train
+    if session.plan is not None:
+        searched = {a: n for a, n in session.plan.configs.items() if n}
+        phase(1, (f"search {', '.join(f'{a} {n} configurations' for a, n in searched.items())} of "
+                  f"{session.plan.rung_passes:g} passes each" if searched else "no search")
+              + f", then final runs of {', '.join(session.plan.final_members)}; {len(session.data.train)} training "
+                f"images, {t.schedule} schedule")
+        return
     phase(1, f"{', '.join(s.members)}; {s.trials} finished trials each, at most {t.epochs} epochs per trial, "
              f"{s.pruner} pruning, {len(session.data.train)} training images")
 
@@ -33,7 +40,7 @@ def trial_line(label: str, trial: optuna.trial.FrozenTrial, done: int | None = N
         took = duration((trial.datetime_complete - trial.datetime_start).total_seconds())
     state = trial.state.name
     if trial.state == TrialState.COMPLETE:
-        text = f"{label} COMPLETE best {pct(trial.value)} at epoch {best_epoch or '?'}, {took}"
+        text = f"{label} COMPLETE selection accuracy {pct(trial.value)}, {took}"
     elif trial.state == TrialState.PRUNED:
         last = max(values) if values else 0
         text = f"{label} PRUNED at epoch {last} (best {pct(best)} at epoch {best_epoch or '?'}), {took}"
@@ -55,6 +62,6 @@ def trial_finished(session: Session, arch: str, trial: optuna.Trial) -> None:
     except Exception:  # noqa: BLE001 - a progress line never fails a trial
         return
     if is_refit(frozen):
-        say(trial_line(f"{arch} #{trial.number} refit", frozen))
+        say(trial_line(f"{arch} #{trial.number} {frozen.user_attrs.get('phase')}", frozen))
     else:
         say(trial_line(f"{arch} #{trial.number}", frozen, done, session.preset.study.trials))

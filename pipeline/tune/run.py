@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .budget import Clock, session_budget
 from .candidates import candidate_fingerprint, load_candidates
 from .refit import enqueue_refits, refit_enabled
 from .figures import log_session_figures
+from .phases import enqueue_defaults, enqueue_finals, session_plan
 from .reporting import members_phase, phase
 from .session import RUN_ATTR, Session, open_session
 from .storage import storage_lock
@@ -57,7 +58,7 @@ class TuneSummary:
 def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | None = None,
                storage: str | None = None, model_name: str | None = None, n_jobs: int | None = None,
                progress: bool = True, setup_only: bool = False, clock: Clock = time.time) -> TuneSummary | None:
-    start = time.perf_counter()
+    start, entered = time.perf_counter(), clock()  # a budget counts from here, data loading included (as train's)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     model_name = model_name or preset.study.model_name
     n_jobs = n_jobs or preset.study.n_jobs
@@ -69,11 +70,24 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
     session.clock = clock
     with storage_lock(session.storage_url, f"session:{session.study_name}"):  # the first worker starts the clock
         s = preset.study
-        session.budget = session_budget(session.studies[s.members[0]], s.time_budget, s.refit_fraction,
-                                        s.tail_seconds, clock)
+        session.budget = session_budget(session.studies[s.members[0]], s.time_budget, s.tail_seconds, clock,
+                                        entered)
+        if session.budget is not None:  # the plan: measured and made once, read by every other worker
+            session.plan, made = session_plan(session, session.budget)
+            session.budget = replace(session.budget, final_seconds=session.plan.final_seconds)
+            for line in session.plan.lines() if made else session.plan.lines()[:1]:
+                say(line)
     try:
         members_phase(session)
+        if session.plan is not None:
+            enqueue_defaults(session, session.plan)
         run_members(session, n_jobs, progress)
+        if session.plan is not None:
+            finals = enqueue_finals(session, session.plan)
+            if finals:
+                say("final runs: " + ", ".join(f"{a} with {origin}" for a, origin in finals.items())
+                    + ", each with a schedule ending at its share of the final phase")
+            run_members(session, n_jobs, progress, refit=True)
         if refit_enabled(session):
             continued = enqueue_refits(session.studies, session.storage_url)
             if continued:

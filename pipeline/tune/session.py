@@ -47,6 +47,7 @@ class Session:
     audit: Split | None = None  # images no choice reads; ``data.validation`` is the selection split
     audit_info: AuditInfo | None = None
     budget: Any = None  # budget.Budget once a worker has started the session's clock (None: no time budget)
+    plan: Any = None  # plan.Plan of a time-budgeted session
     clock: Callable[[], float] = time.time  # the wall clock every budget figure is read from
     checked: set[int] = field(default_factory=set)  # ids of finished trials whose run is known closed
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGINT/SIGTERM (n_jobs > 1)

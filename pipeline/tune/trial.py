@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from dataclasses import replace
 
 import optuna
 import torch
@@ -16,12 +17,13 @@ from .. import faults, tracking
 from ..config import DataConfig, ModelConfig, Preset, TrainConfig, flat_params, override
 from ..interrupt import Interrupted
 from ..progress import EpochLines
-from ..train import build_and_fit, resolve_device
+from ..train import Deadline, build_and_fit, resolve_device
 from .conclude import Outcome, conclude, quietly  # noqa: F401 - quietly: run.py's best-effort closes
 from . import space
-from .budget import EpochBudget, refit_deadline, search_deadline
+from .budget import EpochBudget, final_deadline
+from .phases import search_epochs, waiting_finals
 from .pruners import PruningReporter
-from .refit import is_refit, refit_start
+from .refit import PHASE, is_final, is_refit, refit_start
 from .session import RUN_ATTR, WORKER, Session
 from .storage import heartbeat_enabled
 
@@ -65,17 +67,24 @@ def session_trial_configs(session: Session, arch: str, trial: optuna.Trial) -> t
                          preset.data, origin)
 
 
-def phase_end(session: Session, arch: str, refit: bool) -> float:
-    """Where a trial starting now must stop in a time budget (see ``budget.search_deadline`` and
-    ``budget.refit_deadline``), from the member studies' trials in the storage."""
-    budget, now, explore = session.budget, session.clock(), session.preset.study.explore_trials
-    if refit:
-        waiting = sum(is_refit(t) for study in session.studies.values()
-                      for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        return refit_deadline(now, budget.refit_end, waiting)
-    started = sum(not is_refit(t) and t.state != TrialState.WAITING
-                  for t in session.studies[arch].get_trials(deepcopy=False))
-    return search_deadline(budget, now, started <= explore, len(session.studies), explore)
+def final_end(session: Session) -> float:
+    """Where a final run starting now ends: its share of what is left of the final phase."""
+    return final_deadline(session.clock(), session.budget.final_end, waiting_finals(session))
+
+
+def budgeted_configs(session: Session, trial: optuna.Trial, train_cfg: TrainConfig) -> tuple[TrainConfig, Deadline | None]:
+    """In a time budget: a search run lasts the plan's rung (its schedule ends with it); a final run
+    lasts until its deadline. Without one: the preset's epochs."""
+    if session.budget is None or session.plan is None:
+        return train_cfg, None
+    if is_final(trial):
+        return train_cfg, Deadline(final_end(session), session.clock)
+    return replace(train_cfg, epochs=search_epochs(session.plan, session.preset, len(session.data.train))), None
+
+
+def trial_phase(trial: optuna.Trial | optuna.trial.FrozenTrial) -> str:
+    """search, refit or final: in the run's name and its ``phase`` tag."""
+    return trial.user_attrs.get(PHASE) or "search"
 
 
 class Listener:
@@ -85,10 +94,11 @@ class Listener:
     def __init__(self, session: Session, arch: str, trial: optuna.Trial, run_id: str, epochs: int = 0,
                  refit: bool = False):
         self.logger = tracking.EpochLogger(session.client, run_id)
-        self.progress = EpochLines(f"{arch} #{trial.number}" + (" refit" if refit else ""), epochs)
+        self.progress = EpochLines(f"{arch} #{trial.number}" + (f" {trial_phase(trial)}" if refit else ""), epochs)
         self.pruning = PruningReporter(trial, prune=not refit)
-        self.budget = (EpochBudget(trial, phase_end(session, arch, refit), session.clock)
-                       if session.budget is not None else None)
+        # A search run's safety stop at the end of the search phase (its own length is the plan's rung).
+        self.budget = (EpochBudget(trial, session.budget.search_end, session.clock)
+                       if session.budget is not None and not refit else None)
         self.session, self.arch, self.trial = session, arch, trial
 
     @property
@@ -119,24 +129,29 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
         try:
             model_cfg, train_cfg, data_cfg = session_trial_configs(session, arch, trial)
             refit, initial = is_refit(trial), None
-            if refit:  # the best search trial's checkpoint, continued
+            if refit and not is_final(trial):  # the best search trial's checkpoint, continued
                 train_cfg, initial = refit_start(session, trial, train_cfg)
+            train_cfg, deadline = budgeted_configs(session, trial, train_cfg)
             device = str(resolve_device(train_cfg.device))
             retried_from = RETRY.retried_trial_number(session.storage.get_trial(trial._trial_id))
             run_id = tracking.start_run(
-                client, session.experiment_id, f"{arch}-trial-{trial.number}", parent_run_id=session.parent_run_id,
+                client, session.experiment_id, f"{arch}-{trial_phase(trial)}-{trial.number}",
+                parent_run_id=session.parent_run_id,
                 tags={**tracking.standard_tags(device), "kind": "trial", "arch": arch,
                       "optuna.study": study.study_name, "optuna.trial": str(trial.number), "worker": WORKER,
-                      "phase": "refit" if refit else "search",
-                      **({"refit_of_trial": str(trial.user_attrs["refit_of"])} if refit else {}),
+                      "phase": trial_phase(trial),
+                      **({"refit_of_trial": str(trial.user_attrs["refit_of"])} if "refit_of" in trial.user_attrs
+                         else {}),
+                      **({"final_of_trial": str(trial.user_attrs["final_of"])} if "final_of" in trial.user_attrs
+                         else {}),
                       **({"optuna.retried_from_trial": str(retried_from)} if retried_from is not None else {})})
             trial.set_user_attr(RUN_ATTR, run_id)
             if trial.user_attrs.get("error"):
                 trial.set_user_attr("error", "")  # a retry starts without its predecessor's reason
-            listener = Listener(session, arch, trial, run_id, train_cfg.epochs, refit)
+            listener = Listener(session, arch, trial, run_id, 0 if deadline else train_cfg.epochs, refit)
             params = flat_params(Preset(session.preset.name, data_cfg, model_cfg, train_cfg))
             tracking.log_params(client, run_id, {**params, **{f"optuna.{k}": v for k, v in trial.params.items()}})
-            result = build_and_fit(model_cfg, session.data, data_cfg, train_cfg, listener, progress, initial)
+            result = build_and_fit(model_cfg, session.data, data_cfg, train_cfg, listener, progress, initial, deadline)
             faults.inject("artifact_failure", arch, trial.number)
             tracking.log_training_outputs(client, run_id, result, session.data, model_cfg, data_cfg, train_cfg)
             tracking.set_tags(client, run_id, {"optuna.state": "COMPLETE", "precision": result.precision,

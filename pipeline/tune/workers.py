@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from .. import tracking
 from .budget import MemberStats, admits, choose_member, epoch_estimates, projected_epoch
+from .phases import search_epochs, search_run_fits
 from .refit import is_refit
 from .reporting import trial_finished
 from .session import RUN_ATTR, Session, TuneError, sampler
@@ -39,12 +40,23 @@ def _refit_waiting(trials: list[optuna.trial.FrozenTrial]) -> bool:
 
 
 def time_allows(session: Session, trials: list[optuna.trial.FrozenTrial], refit: bool) -> bool:
-    """No budget, or the architecture's next epoch (as measured so far) fits in the phase."""
-    budget = session.budget
+    """No budget; or a final run while the final phase lasts; or a search run, most of which (at its
+    member's measured pace) fits in the search phase."""
+    budget, now = session.budget, session.clock()
     if budget is None:
         return True
-    estimate = projected_epoch(epoch_estimates([t for t in trials if is_refit(t) == refit] or trials))
-    return admits(budget, session.clock(), estimate, budget.refit_end if refit else budget.search_end)
+    if refit:
+        return admits(budget, now, None, budget.final_end)
+    estimate = projected_epoch(epoch_estimates([t for t in trials if not is_refit(t)]))
+    epochs = search_epochs(session.plan, session.preset, len(session.data.train))
+    return search_run_fits(session.plan, estimate, epochs, now, budget.search_end)
+
+
+def search_cap(session: Session, arch: str) -> int:
+    """Search trials a member study may hold: the plan's configurations in a budget, else study.trials."""
+    if session.plan is not None:
+        return min(session.preset.study.trials, session.plan.configs.get(arch, 0))
+    return session.preset.study.trials
 
 
 def admit_trial(session: Session, arch: str, refit: bool = False) -> optuna.Trial | None:
@@ -59,7 +71,7 @@ def admit_trial(session: Session, arch: str, refit: bool = False) -> optuna.Tria
         trials = study.get_trials(deepcopy=False)
         if refit and not _refit_waiting(trials):
             return None
-        if not refit and taken(trials) >= session.preset.study.trials:
+        if not refit and taken(trials) >= search_cap(session, arch):
             return None
         if not time_allows(session, trials, refit):
             return None
@@ -135,26 +147,17 @@ def run_member_study(session: Session, arch: str, progress: bool = False) -> dic
 
 
 def member_stats(session: Session) -> list[MemberStats]:
-    """What the allocator knows of each member study, from the storage (every worker's trials)."""
+    """Each member study's search trials taken (every worker's, from the storage) and its cap."""
     out = []
     for arch, study in session.studies.items():
         trials = [t for t in study.get_trials(deepcopy=False) if not is_refit(t)]
-        done = sorted((t for t in trials if t.state in FINISHED and t.datetime_complete),
-                      key=lambda t: t.datetime_complete)
-        seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done if t.datetime_start]
-        best, so_far = [], float("-inf")
-        for t in done:
-            if t.state == TrialState.COMPLETE and t.value is not None:
-                so_far = max(so_far, t.value)
-            best.append(so_far if so_far > float("-inf") else 0.0)
-        out.append(MemberStats(arch, taken(trials), session.preset.study.trials,
-                               sorted(seconds)[len(seconds) // 2] if seconds else None, best))
+        out.append(MemberStats(arch, taken(trials), search_cap(session, arch)))
     return out
 
 
 def run_search(session: Session, progress: bool = False, refit: bool = False) -> dict[str, int]:
-    """Admit and run trials until no member study admits one: the search (member by member, or by
-    gain per second in a time budget), or the waiting refits. Returns counts by state."""
+    """Admit and run trials until no member study admits one: the search (member by member, or by the
+    plan's quotas in a time budget), or the waiting refits and final runs. Returns counts by state."""
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     failures: dict[str, int] = {}
     closed: set[str] = set()
@@ -164,7 +167,7 @@ def run_search(session: Session, progress: bool = False, refit: bool = False) ->
         if refit:
             arch = stats[0].arch if stats else None
         else:
-            arch = choose_member(stats, session.preset.study.explore_trials, by_value=session.budget is not None)
+            arch = choose_member(stats, by_plan=session.plan is not None)
         if arch is None:
             break
         trial = admit_trial(session, arch, refit)
@@ -227,12 +230,12 @@ def budget_state(session: Session) -> tuple[int, bool]:
     """(trials running anywhere, whether some member study still has budget left), after failing
     and re-queueing the trials of lost workers."""
     running, open_budget = 0, False
-    for study in session.studies.values():
+    for arch, study in session.studies.items():
         with storage_lock(session.storage_url, f"admit:{study.study_name}"):
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
         running += sum(t.state == TrialState.RUNNING for t in trials)
-        open_budget |= ((taken(trials) < session.preset.study.trials and time_allows(session, trials, False))
+        open_budget |= ((taken(trials) < search_cap(session, arch) and time_allows(session, trials, False))
                         or (_refit_waiting(trials) and time_allows(session, trials, True)))
     return running, open_budget
 

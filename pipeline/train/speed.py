@@ -1,0 +1,47 @@
+"""A member's speed, measured in a few seconds: what a time budget's plan is made from."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..config import DataConfig, ModelConfig, TrainConfig
+from ..data import BatchAugmenter, Dataset
+from ..models import build_model
+from ..rng import RunRandom, global_draws
+from .device import on_device, resolve_device, resolve_precision, synchronize
+from .loop import predict_logits, train_one_epoch
+
+
+def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
+                  steps: int = 6) -> tuple[float, float]:
+    """(training images per second, evaluation seconds per image) of this configuration: ``steps``
+    training steps after one untimed warm-up step, and two evaluation batches after one untimed."""
+    device = resolve_device(train_cfg.device)
+    precision = resolve_precision(train_cfg.precision, device)
+    with global_draws(train_cfg.seed):
+        model = build_model(model_cfg).to(device, memory_format=torch.channels_last)
+    random = RunRandom(train_cfg.seed, device)
+    augment = BatchAugmenter(data_cfg.augment, data_cfg.normalize, device, data.num_classes, random=random)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr)
+    x, y = on_device(data.train.images, device), on_device(data.train.labels, device)
+    batch = min(train_cfg.batch_size, len(y))
+
+    def train(n: int) -> float:
+        t0 = time.perf_counter()
+        train_one_epoch(model, x, y, augment, optimizer, nn.CrossEntropyLoss(), batch, device, precision,
+                        random.cpu, limit=n * batch)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    train(1)
+    seconds = train(steps)
+    val = on_device(data.validation.images, device)
+    n_eval = min(len(val), 2 * train_cfg.eval_batch_size)
+    predict_logits(model, val[:train_cfg.eval_batch_size], augment.normalizer, device, precision)
+    t0 = time.perf_counter()
+    predict_logits(model, val[:n_eval], augment.normalizer, device, precision, train_cfg.eval_batch_size)
+    eval_seconds = time.perf_counter() - t0
+    return steps * batch / seconds, eval_seconds / max(n_eval, 1)
