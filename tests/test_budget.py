@@ -1,5 +1,6 @@
 """The time budget's logic, with a fake clock and given epoch times (no timed tests): admission, the
-stop at an epoch boundary, one budget for every worker, the split between members, warm start."""
+stop at an epoch boundary, one budget for every worker, the plan's quotas between members, final
+runs sharing their phase, warm start."""
 
 from __future__ import annotations
 
@@ -14,18 +15,9 @@ from pipeline.tune.budget import (EPOCH_SECONDS, Budget, EpochBudget, MemberStat
                                   epoch_estimates, projected_epoch, session_budget)
 from pipeline.tune.session import TuneError
 from pipeline.tune.warm_start import warm_start
-from workers import tracking_here  # noqa: F401 - fixture
+from workers import FakeClock, tracking_here  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0, step: float = 0.0):
-        self.now, self.step = start, step
-
-    def __call__(self) -> float:
-        self.now += self.step
-        return self.now
 
 
 def test_durations():
@@ -36,9 +28,9 @@ def test_durations():
 
 
 def test_admission_stops_when_the_projected_epoch_would_end_after_the_phase():
-    budget = Budget(started=0.0, seconds=1000.0, refit_fraction=0.2, tail_seconds=60.0)
-    assert (budget.search_end, budget.refit_end, budget.end) == (740.0, 940.0, 1000.0)
-    assert [budget.phase(t) for t in (0, 739, 740, 939, 940)] == ["search", "search", "refit", "refit", "tail"]
+    budget = Budget(started=0.0, seconds=1000.0, final_seconds=200.0, tail_seconds=60.0)
+    assert (budget.search_end, budget.final_end, budget.end) == (740.0, 940.0, 1000.0)
+    assert [budget.phase(t) for t in (0, 739, 740, 939, 940)] == ["search", "search", "final", "final", "tail"]
     assert admits(budget, now=600.0, epoch_seconds=100.0, phase_end=budget.search_end)  # ends at 700
     assert not admits(budget, now=660.0, epoch_seconds=100.0, phase_end=budget.search_end)  # would end at 760
     assert admits(budget, now=739.0, epoch_seconds=None, phase_end=budget.search_end)  # never measured: a probe
@@ -76,41 +68,58 @@ def test_a_trial_stops_at_an_epoch_boundary_as_finished_with_its_best_state(tmp_
 def test_two_workers_share_one_budget(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = optuna.create_study(study_name="s.cnn_v1", storage=storage)
-    b1 = session_budget(first, "30m", 0.2, 60, FakeClock(5000.0))
+    b1 = session_budget(first, "30m", 60, FakeClock(5000.0))
     # Another worker, ten minutes later, another process: the same clock start and length.
     other = optuna.load_study(study_name="s.cnn_v1", storage=storage)
-    b2 = session_budget(other, None, 0.2, 60, FakeClock(5600.0))
+    b2 = session_budget(other, None, 60, FakeClock(5600.0))
     assert b1 == b2 and b2.started == 5000.0 and b2.seconds == 1800.0
     with pytest.raises(TuneError, match="differs from the session's"):
-        session_budget(other, "1h", 0.2, 60, FakeClock(5700.0))
+        session_budget(other, "1h", 60, FakeClock(5700.0))
+    # The first worker's clock starts where it entered tune (data loading included), not after set-up.
+    entered = optuna.create_study(study_name="t.cnn_v1", storage=storage)
+    assert session_budget(entered, "30m", 60, FakeClock(9000.0), started=8950.0).started == 8950.0
     # Epoch times a worker records on its trial reach every worker's projection.
     trial = first.ask({"batch_size": optuna.distributions.CategoricalDistribution([32])})
     EpochBudget(trial, phase_end=1e9, clock=FakeClock(0.0, 42.0))(1, {})
     assert projected_epoch(epoch_estimates(other.get_trials(deepcopy=False)), 32) == 42.0
-    assert session_budget(optuna.create_study(storage=storage), None, 0.2, 60, FakeClock()) is None
+    assert session_budget(optuna.create_study(storage=storage), None, 60, FakeClock()) is None
 
 
-def _stats(arch, taken, cap, seconds, best):
-    return MemberStats(arch, taken, cap, seconds, best)
+def test_the_next_trial_goes_to_the_member_furthest_from_its_quota():
+    """The plan gives each member a number of configurations; the allocator fills the quotas together.
+    What the trials did (pruned after one cheap epoch, say) draws no trial to their member: before
+    this, a member whose pruned trials were cheap took every trial from the leading member."""
+    # b has taken 4 of 6 (its cheap trials were pruned), a 1 of 3 -> a (1/3 < 4/6).
+    assert choose_member([MemberStats("a", 1, 3), MemberStats("b", 4, 6)]) == "a"
+    assert choose_member([MemberStats("a", 2, 3), MemberStats("b", 3, 6)]) == "b"  # 2/3 > 3/6
+    assert choose_member([MemberStats("a", 1, 2), MemberStats("b", 2, 4)]) == "a"  # a tie: the earlier member
+    assert choose_member([MemberStats("a", 3, 3), MemberStats("b", 5, 6)]) == "b"  # a at its quota
+    assert choose_member([MemberStats("a", 0, 0), MemberStats("b", 0, 0)]) is None  # no search planned
+    # Without a plan (no time budget): the members' own order.
+    assert choose_member([MemberStats("a", 2, 3), MemberStats("b", 0, 3)], by_plan=False) == "a"
 
 
-def test_the_next_trial_goes_where_a_second_buys_the_most():
-    # Every member is explored first, fewest trials first.
-    assert choose_member([_stats("a", 3, 50, 10, [.5, .6, .7]), _stats("b", 1, 50, 20, [.4])]) == "b"
-    # Then: equal gains, one member twice as slow -> the cheap one.
-    cheap_and_slow = [_stats("a", 6, 50, 60.0, [.5, .6, .65, .7, .72, .74]),
-                      _stats("b", 6, 50, 30.0, [.5, .6, .65, .7, .72, .74])]
-    assert choose_member(cheap_and_slow) == "b"
-    # Equal cost; one still improving, one flat -> the improving one.
-    assert choose_member([_stats("a", 6, 50, 30.0, [.5, .6, .6, .6, .6, .6]),
-                          _stats("b", 6, 50, 30.0, [.5, .55, .6, .65, .7, .75])]) == "b"
-    # A slow member must earn its cost: twice the price, but more than twice the gain -> it wins.
-    assert choose_member([_stats("a", 6, 50, 30.0, [.5, .55, .56, .57, .58, .59]),
-                          _stats("b", 6, 50, 60.0, [.5, .6, .65, .7, .76, .82])]) == "b"
-    # Caps still hold; without a budget the order is the members' own.
-    assert choose_member([_stats("a", 50, 50, 1.0, [.9] * 6), _stats("b", 6, 50, 99.0, [.1] * 6)]) == "b"
-    assert choose_member([_stats("a", 2, 3, None, []), _stats("b", 0, 3, None, [])], by_value=False) == "a"
-    assert choose_member([_stats("a", 3, 3, 1.0, [.5])]) is None
+def test_member_stats_come_from_the_storage_and_leave_final_runs_out(tmp_path):
+    """The allocator's counts, read from a real storage: finished, pruned and running search trials
+    count; final runs and waiting trials do not; the cap is the plan's configurations."""
+    from types import SimpleNamespace
+
+    from pipeline.tune.plan import Plan
+    from pipeline.tune.workers import member_stats
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s.cnn_v1", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.7))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))
+    study.ask()  # running
+    study.enqueue_trial({}, user_attrs={"phase": "final"})  # waiting final run
+    final = study.ask()
+    study.tell(final, 0.8)  # a finished final run
+    study.enqueue_trial({})  # a waiting search trial: not taken yet
+    plan = Plan(600, 10, 60, 200, 330, ("cnn_v1",), 2.0, {"cnn_v1": 5}, {"cnn_v1": 9.0}, 0.02)
+    session = SimpleNamespace(studies={"cnn_v1": study}, plan=plan,
+                              preset=SimpleNamespace(study=SimpleNamespace(trials=100)))
+    assert member_stats(session) == [MemberStats("cnn_v1", 3, 5)]
 
 
 def test_warm_start_enqueues_the_best_k_configurations_of_an_earlier_study(tmp_path):
@@ -131,7 +140,10 @@ def test_warm_start_enqueues_the_best_k_configurations_of_an_earlier_study(tmp_p
 
 def test_admission_in_a_session_follows_the_shared_clock_and_the_measured_epochs(tmp_path, monkeypatch):
     """The real admission path, on a real storage: with 100 s epochs measured by an earlier trial, a
-    trial is admitted while its first epoch ends before the search phase does, and not after."""
+    search run is admitted while most of it ends before the search phase does, and not after."""
+    from dataclasses import replace
+
+    from pipeline.tune.plan import Plan
     import mlflow
     import yaml
     from conftest import make_competition_dataset
@@ -151,63 +163,26 @@ def test_admission_in_a_session_follows_the_shared_clock_and_the_measured_epochs
     session = open_session(load_preset(str(preset)), "b", "s", f"sqlite:///{tmp_path / 'optuna.db'}")
     clock = FakeClock(start=10_000.0)
     session.clock = clock
-    session.budget = session_budget(session.studies["cnn_v1"], "1000s", 0.2, 60, clock)  # search ends at 10,740
+    budget = session_budget(session.studies["cnn_v1"], "1000s", 60, clock)
+    session.budget = replace(budget, final_seconds=200.0)  # search ends at 10,740
+    # Search runs of one pass: 20 training images in epochs of 20, one epoch each.
+    session.plan = Plan(1000, 0, 60, 740, 200, ("cnn_v1",), 1.0, {"cnn_v1": 5}, {"cnn_v1": 9.0}, 0.1)
     study = session.studies["cnn_v1"]
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={EPOCH_SECONDS: [100.0, 100.0]}))
-    clock.now = 10_600.0
-    admitted = admit_trial(session, "cnn_v1")
-    assert admitted is not None  # its first epoch would end at 10,700
-    study.tell(admitted, state=TrialState.FAIL)
     clock.now = 10_650.0
+    admitted = admit_trial(session, "cnn_v1")
+    assert admitted is not None  # 80 % of its run (80 s) ends at 10,730
+    study.tell(admitted, state=TrialState.FAIL)
+    clock.now = 10_670.0
     assert admit_trial(session, "cnn_v1") is None  # ... at 10,750: after the search phase
 
 
-def test_train_with_a_time_budget_stops_at_the_epoch_boundary(tmp_path, tracking_here):
-    """``train --time-budget``: the same clock as ``tune``'s, started before the data loads; the run
-    records why it stopped."""
-    from dataclasses import replace
+def test_final_runs_in_turn_share_the_final_phase_evenly():
+    from pipeline.tune.budget import final_deadline
 
-    from conftest import make_competition_dataset
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.commands.train import run_training
-    from pipeline.config import load_preset
-
-    root = make_competition_dataset(tmp_path / "d", size=16, counts={"train": 4, "validation": 6})
-    preset = load_preset("tiny")
-    preset = replace(preset, data=replace(preset.data, root=str(root), cache_dir=str(tmp_path / "c"),
-                                          audit_fraction=0.0),
-                     train=replace(preset.train, epochs=10, early_stop_patience=10, lr_patience=10, device="cpu"),
-                     study=replace(preset.study, time_budget="45s"))
-    # Every reading 10 s later: the clock starts at 10 (budget ends at 55), the listener's at 20,
-    # epochs end at 30, 40, 50; a 4th would end at 60.
-    outcome = run_training(preset, "budget", progress=False, clock=FakeClock(start=0.0, step=10.0))
-    run = MlflowClient().get_run(outcome.run_id)
-    assert run.data.tags["stop_reason"].startswith("time budget")
-    assert len(MlflowClient().get_metric_history(outcome.run_id, "val_accuracy")) == 3
-    # Without a budget the same run trains every epoch.
-    unbounded = run_training(replace(preset, study=replace(preset.study, time_budget=None)), "budget",
-                             progress=False, clock=FakeClock(start=0.0, step=10.0))
-    assert len(MlflowClient().get_metric_history(unbounded.run_id, "val_accuracy")) == 10
-
-
-def test_refits_in_turn_share_the_refit_phase_evenly():
-    from pipeline.tune.budget import refit_deadline
-
-    # 300 s of refit phase left, two members waiting in one worker: the first gets 100 s, then the
+    # 300 s of final phase left, two members waiting in one worker: the first gets 100 s, then the
     # second (one waiting) half of what is left, the last all of it.
-    assert refit_deadline(1000.0, 1300.0, waiting=2) == 1100.0
-    assert refit_deadline(1100.0, 1300.0, waiting=1) == 1200.0
-    assert refit_deadline(1200.0, 1300.0, waiting=0) == 1300.0
-    assert refit_deadline(1400.0, 1300.0, waiting=1) == 1400.0  # past the phase: stop at once
-
-
-def test_exploration_trials_get_an_even_share_of_the_search_phase():
-    from pipeline.tune.budget import search_deadline
-
-    budget = Budget(started=0.0, seconds=1000.0, refit_fraction=0.2, tail_seconds=100.0)  # search ends at 700
-    # 2 members x 3 exploration trials: each may run ~116.7 s from its start, never past the phase.
-    assert search_deadline(budget, 50.0, exploring=True, members=2, explore=3) == pytest.approx(50.0 + 700.0 / 6)
-    assert search_deadline(budget, 650.0, exploring=True, members=2, explore=3) == 700.0
-    # After exploration the pruner decides how far a trial goes, up to the end of the phase.
-    assert search_deadline(budget, 50.0, exploring=False, members=2, explore=3) == 700.0
+    assert final_deadline(1000.0, 1300.0, waiting=2) == 1100.0
+    assert final_deadline(1100.0, 1300.0, waiting=1) == 1200.0
+    assert final_deadline(1200.0, 1300.0, waiting=0) == 1300.0
+    assert final_deadline(1400.0, 1300.0, waiting=1) == 1400.0  # past the phase: stop at once

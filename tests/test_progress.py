@@ -36,12 +36,13 @@ def test_a_tune_without_a_terminal_says_where_it_is(tuned):
     for arch in ("cnn_v1", "cnn_v2"):
         for t in optuna.load_study(study_name=f"e2e.{arch}", storage=storage).trials:
             label = re.escape(f"{arch} #{t.number}")
-            epochs = re.findall(rf"^{label} epoch (\d+)/2 val ([\d.]+)% best ([\d.]+)% \d+ img/s$", out, re.M)
+            epochs = re.findall(rf"^{label} epoch (\d+)/2 loss [\d.]+ val ([\d.]+)% best ([\d.]+)% lr \S+ \d+ img/s$",
+                                out, re.M)
             assert [int(e) for e, _, _ in epochs] == sorted(t.intermediate_values), (arch, t.number, out)
             for (epoch, val, _best) in epochs:
                 assert float(val) == pytest.approx(100 * t.intermediate_values[int(epoch)], abs=0.051)
             if t.state.name == "COMPLETE":
-                done = re.search(rf"^{label} COMPLETE best ([\d.]+)% at epoch (\d+), \d+(m\d\ds)?s? \[\d/2 finished\]$",
+                done = re.search(rf"^{label} COMPLETE selection accuracy ([\d.]+)%, \d+(m\d\ds)?s? \[\d/2 finished\]$",
                                  out, re.M)
                 assert done, out
                 assert float(done.group(1)) == pytest.approx(100 * t.value, abs=0.051)
@@ -93,7 +94,8 @@ def test_train_progress_lines_and_quiet(tiny_dataset, tmp_path, monkeypatch, cap
         quiet = capsys.readouterr()
     finally:
         mlflow.set_tracking_uri(previous)
-    assert re.search(r"^train cnn_v1 epoch 1/1 val [\d.]+% best [\d.]+% \d+ img/s$", loud.err, re.M), loud.err
+    assert re.search(r"^train cnn_v1 epoch 1/1 loss [\d.]+ val [\d.]+% best [\d.]+% lr \S+ \d+ img/s$", loud.err,
+                     re.M), loud.err
     assert "epoch 1/1" not in loud.out  # progress goes to stderr; stdout is the result
     assert re.search(r"^run [0-9a-f]{32}: ", quiet.out, re.M), quiet.out
     assert quiet.err == "", quiet.err

@@ -15,7 +15,7 @@ from pipeline.data import load_dataset
 from pipeline.models import build_model
 from pipeline.train import Deadline, fit, lr_factor
 from pipeline.train.schedule import RunLength
-from workers import tracking_here  # noqa: F401 - fixture
+from workers import FakeClock, tracking_here  # noqa: F401 - fixture
 
 
 def test_linear_and_cosine_warm_up_then_reach_zero_at_the_end():
@@ -82,17 +82,17 @@ def test_a_deadline_ends_the_run_within_one_step_with_its_schedule_near_zero(lea
     lrs = []
     result = fit(_model(data, clock), data, data_cfg, cfg, report=lambda epoch, row: lrs.append(row[M.LR]),
                  progress=False, deadline=Deadline(30.5, clock))
-    # The timing probe's evaluation pass reads 0.5; 80 training images make 5 steps an epoch; steps
+    # The timing probe's two evaluation passes read 1.0; 80 training images make 5 steps an epoch; steps
     # start while the clock reads under 30.5 (less a real-time reserve of milliseconds for the last
-    # evaluation): at 0.5, 1.5 ... 29.5, 30 steps in 6 epochs. train.epochs=1 caps nothing.
+    # evaluation): at 1, 2 ... 30, 30 steps in 6 epochs. train.epochs=1 caps nothing.
     assert result.images == 30 * 16
     assert result.stop_reason == "deadline" and result.kept == "last weights"
     assert result.epochs_run == 6
-    assert clock.now == 30.5 + 0.5 + 0.5  # then the last evaluation, plain and mirrored
+    assert clock.now == 31.0 + 0.5 + 0.5  # then the last evaluation, plain and mirrored
     assert result.eval_seconds == pytest.approx(1.0, abs=0.05)  # those two passes (and the real-time probe)
-    # The last step's rate: the schedule's at 29.5/30.5 of the run, (1 - 29.5/30.5) / 0.9 of the peak
-    # at most (the reserve ends the run a little earlier, so the rate is a little lower).
-    assert 0 < lrs[-1] <= 2e-3 * (1 - 29.5 / 30.5) / 0.9 + 1e-12
+    # The last step's rate: the schedule's at 30/30.5 of the run, (1 - 30/30.5) / 0.9 of the peak at
+    # most (the reserve ends the run a little earlier, so the rate is a little lower).
+    assert 0 < lrs[-1] <= 2e-3 * (1 - 30 / 30.5) / 0.9 + 1e-12
     assert all(a > b for a, b in zip(lrs, lrs[1:]))  # down every epoch after the warm-up
     assert result.best_epoch == 6  # the last weights are the model
 
@@ -140,14 +140,7 @@ def test_train_uses_its_budget_without_going_over(tmp_path, tracking_here):
                      train=replace(preset.train, epochs=2, device="cpu"),
                      study=replace(preset.study, time_budget="60s"))
 
-    class Ticking:
-        now = 0.0
-
-        def __call__(self):
-            self.now += 0.2
-            return self.now
-
-    clock = Ticking()
+    clock = FakeClock(0.0, 0.2)
     outcome = run_training(preset, "budget", progress=False, clock=clock)
     wall = outcome.summary[M.WALL_SECONDS]
     assert 0.9 * 60 <= wall <= 60

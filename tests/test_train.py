@@ -31,20 +31,23 @@ def _cfgs(root: Path, tmp: Path, **train):
 
 
 def test_fit_learns_and_reports_every_epoch(learnable, tmp_path):
-    data_cfg, train_cfg = _cfgs(learnable, tmp_path)
+    data_cfg, train_cfg = _cfgs(learnable, tmp_path, evaluations=4, eval_share=1.0)
     data = load_dataset(data_cfg)
     seen = []
     result = fit(build_model(ModelConfig(arch="cnn_v1", convs_per_block=1)), data, data_cfg, train_cfg,
                  report=lambda epoch, m: seen.append((epoch, dict(m))), progress=False)
     assert [e for e, _ in seen] == [1, 2, 3, 4]
-    assert set(seen[0][1]) == set(M.EPOCH_METRICS)
+    assert set(seen[0][1]) == set(M.EPOCH_METRICS)  # 4 evaluations over 4 epochs: every one
+    assert result.kept == "last weights" and result.best_epoch == 4  # a schedule that decays to zero
+    assert result.best_val_accuracy == seen[-1][1][M.VAL_ACCURACY]
     assert result.best_val_accuracy >= 0.6, result.history  # chance is 0.2
     assert result.val_probs.shape == (40, 5)
     np.testing.assert_allclose(result.val_probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_fit_keeps_best_state_not_last(learnable, tmp_path):
-    data_cfg, train_cfg = _cfgs(learnable, tmp_path, epochs=5, lr=0.05)  # a high lr makes epochs wobble
+def test_plateau_keeps_best_state_not_last(learnable, tmp_path):
+    data_cfg, train_cfg = _cfgs(learnable, tmp_path, epochs=5, lr=0.05,  # a high lr makes epochs wobble
+                                schedule="plateau")
     data = load_dataset(data_cfg)
     model = build_model(ModelConfig(arch="cnn_v1", convs_per_block=1))
     result = fit(model, data, data_cfg, train_cfg, progress=False)
@@ -71,7 +74,9 @@ def _thread_run(root: Path, tmp: Path, name: str, seed: int):
     from pipeline.train import build_and_fit
 
     data_cfg = DataConfig(root=str(root), normalize="half", cache_dir=str(tmp / "cache"), **THREAD_RUNS[name])
-    train_cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, precision="fp32", device="cpu", seed=seed)
+    # Every epoch evaluated whatever it costs: which epochs are read must not depend on timing here.
+    train_cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, precision="fp32", device="cpu", seed=seed,
+                            evaluations=2, eval_share=1.0)
     model_cfg = ModelConfig(arch="cnn_v1", convs_per_block=1, dropout_features=0.3, dropout_fc=0.4)
     return build_and_fit(model_cfg, load_dataset(data_cfg), data_cfg, train_cfg)
 
@@ -165,7 +170,7 @@ def test_early_stopping_and_the_learning_rate_schedule(learnable, tmp_path):
     """ReduceLROnPlateau multiplies the lr by lr_factor after every epoch without a better validation
     accuracy (lr_patience 0); early stopping ends the run at the second such epoch in a row."""
     data_cfg, train_cfg = _cfgs(learnable, tmp_path, epochs=40, lr=4e-3, lr_patience=0, lr_factor=0.5,
-                                early_stop_patience=2)
+                                early_stop_patience=2, schedule="plateau")
     result = fit(build_model(ModelConfig(arch="cnn_v1", convs_per_block=1)), load_dataset(data_cfg), data_cfg,
                  train_cfg, progress=False)
     assert result.stop_reason == "early_stopping" and result.epochs_run < 40

@@ -36,7 +36,8 @@ def write_preset(path: Path, data: Path, members=("cnn_v1",), trials: int = 2, e
         "data": {"root": str(data), "augment": "none", "normalize": "half", "audit_min_per_class": 1},
         "model": {"convs_per_block": 1},
         "train": {"epochs": epochs, "batch_size": 16, "precision": "fp32", "device": "cpu",
-                  "eval_batch_size": 64, "early_stop_patience": 1000},
+                  "eval_batch_size": 64, "early_stop_patience": 1000,
+                  "evaluations": epochs, "eval_share": 1.0},  # every epoch read, as the pruning tests expect
         "study": {"members": list(members), "trials": trials, "pruner": "none", "top_k": 2,
                   "ensemble_method": "soft", "heartbeat_seconds": heartbeat,
                   "space": {"train.lr": {"low": 1e-3, "high": 3e-3, "log": True}, "train.batch_size": [16],
@@ -146,3 +147,14 @@ def tracking_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_templa
     yield use
     signal.signal(signal.SIGTERM, handler)  # cli.main installs its own
     mlflow.set_tracking_uri(previous)  # then monkeypatch restores the environment
+
+
+class FakeClock:
+    """A clock that moves ``step`` seconds at every reading (0: only when a test sets ``now``)."""
+
+    def __init__(self, start: float = 1000.0, step: float = 0.0):
+        self.now, self.step = start, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now

@@ -59,6 +59,8 @@ def run_study(pruner_name: str, trials: int, study_cfg, data: Dataset, data_cfg:
     study = optuna.create_study(direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=study_cfg.sampler_seed, n_startup_trials=3),
                                 pruner=make_pruner(pruner_name, study_cfg.pruner_warmup_epochs, train_cfg.epochs))
+    # Every epoch read (pruners compare trials epoch by epoch), whatever it costs.
+    train_cfg = replace(train_cfg, evaluations=train_cfg.epochs, eval_share=1.0)
     trace: list[float] = []  # validation accuracy of every epoch, in the order they ran
     t0 = time.perf_counter()
     for _ in range(trials):

@@ -87,10 +87,11 @@ def run_reference(model_cfg: ModelConfig, data: Dataset, settings: BenchSettings
 
 def bench_train_config(base: TrainConfig, settings: BenchSettings, epochs: int) -> TrainConfig:
     """The reference's training settings expressed as a ``TrainConfig``: plain Adam at the same lr and batch,
-    no weight decay, no label smoothing, no schedule or early stop inside the few epochs."""
+    no weight decay, no label smoothing, a constant learning rate (a plateau schedule that never drops)
+    and every epoch evaluated, the best kept, as the reference does."""
     return replace(base, epochs=epochs, batch_size=settings.batch_size, lr=settings.lr, weight_decay=0.0,
-                   optimizer="adam", label_smoothing=0.0, class_weights="none", lr_patience=epochs,
-                   early_stop_patience=epochs, seed=settings.seed, device=settings.device)
+                   optimizer="adam", label_smoothing=0.0, class_weights="none", schedule="plateau",
+                   lr_patience=epochs, early_stop_patience=epochs, seed=settings.seed, device=settings.device)
 
 
 def run_ours(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, base: TrainConfig,

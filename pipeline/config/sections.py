@@ -88,7 +88,9 @@ class TrainConfig:
                             choices=SCHEDULES)
     warmup: float = setting(0.03, "share of the run over which the learning rate warms up (linear, cosine)")
     evaluations: int = setting(4, "selection-split evaluations spread over a linear/cosine run, the last at its end "
-                                  "(fewer when they would take over 5 % of its time)")
+                                  "(fewer when they would take over eval_share of its time)")
+    eval_share: float = setting(0.05, "intermediate evaluations stop once they would take over this share of the "
+                                      "run's time (1 = never)")
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, kept as the model (0 = off)")
     lr_patience: int = setting(5, "plateau only: epochs without a better selection accuracy before the rate drops")
     lr_factor: float = setting(0.5, "plateau only: factor the learning rate is multiplied by when it drops")
@@ -113,6 +115,7 @@ class TrainConfig:
         check(self.lr > 0, "train.lr", "> 0", self.lr)
         check(0 <= self.warmup < 1, "train.warmup", "in [0, 1)", self.warmup)
         check(self.evaluations >= 1, "train.evaluations", ">= 1", self.evaluations)
+        check(0 < self.eval_share <= 1, "train.eval_share", "in (0, 1]", self.eval_share)
         check(0 <= self.ema < 1, "train.ema", "in [0, 1)", self.ema)
         check(self.images_per_epoch is None or self.images_per_epoch >= 2, "train.images_per_epoch", ">= 2",
               self.images_per_epoch)
@@ -141,8 +144,9 @@ class StudyConfig:
                                             "runs, ensemble and registration (train: the run's length)")
     final_fraction: float = setting(0.6, "in a time budget with a search: share of the usable time for the final "
                                          "runs (the plan gives it all to them when there is no search)")
-    rung_fraction: float = setting(0.25, "in a time budget: a search run's length relative to a final run's (at "
-                                         "least one pass over the training data)")
+    rung_fraction: float = setting(0.1, "in a time budget: a search run's length relative to a final run's")
+    min_rung_passes: float = setting(2.0, "in a time budget: a search run's least length, in passes over the "
+                                          "training data (shorter runs rank configurations by noise)")
     min_configs: int = setting(3, "in a time budget: configurations per member (its default included) a search "
                                   "must afford, else the plan makes none")
     pair_min_passes: float = setting(12.0, "in a time budget: passes over the training data each of two final runs "
@@ -168,6 +172,7 @@ class StudyConfig:
             raise ConfigError("study.members must name at least one architecture")
         check(0 < self.final_fraction <= 1, "study.final_fraction", "in (0, 1]", self.final_fraction)
         check(0 < self.rung_fraction <= 1, "study.rung_fraction", "in (0, 1]", self.rung_fraction)
+        check(self.min_rung_passes > 0, "study.min_rung_passes", "> 0", self.min_rung_passes)
         check(self.min_configs >= 2, "study.min_configs", ">= 2", self.min_configs)
         check(self.pair_min_passes >= 0, "study.pair_min_passes", ">= 0", self.pair_min_passes)
         check(self.refit_epochs >= 0, "study.refit_epochs", ">= 0", self.refit_epochs)

@@ -50,7 +50,10 @@ class Choice:
 
 def candidate_pairs(archs: list[str]) -> list[tuple[int, int]]:
     """Index pairs of candidates that may form an ensemble: one from each of two member studies
-    (any two when every candidate comes from the same study)."""
+    (any two when every candidate comes from the same study; a lone candidate with itself, where
+    the pair can still choose a test-time flip for one side)."""
+    if len(archs) == 1:
+        return [(0, 0)]
     one_arch = len(set(archs)) == 1
     return [(i, j) for i in range(len(archs)) for j in range(i + 1, len(archs)) if one_arch or archs[i] != archs[j]]
 

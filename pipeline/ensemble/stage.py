@@ -75,9 +75,12 @@ def rules_of(settings: StudyConfig) -> tuple[str, ...]:
     return tuple(RULES) if settings.ensemble_method == "best" else (settings.ensemble_method,)
 
 
-def enough_candidates(candidates: list[Candidate], settings: StudyConfig) -> bool:
-    """At least one pair, from two member studies when the session has two or more."""
+def enough_candidates(candidates: list[Candidate], settings: StudyConfig, planned: bool = False) -> bool:
+    """At least one pair, from two member studies when the session has two or more; in a budget
+    whose plan trained fewer members (``planned``), whatever the plan made, one run included."""
     archs = [c.arch for c in candidates]
+    if planned:
+        return bool(candidates)
     return len(candidates) >= 2 and bool(candidate_pairs(archs)) and len(set(archs)) >= min(2, len(settings.members))
 
 

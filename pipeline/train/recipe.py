@@ -12,7 +12,8 @@ from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data import Dataset
 from ..models import build_model
 from ..rng import global_draws
-from .loop import FitResult, Report, fit
+from .fit import fit
+from .loop import FitResult, Report
 from .schedule import Deadline
 
 

@@ -64,7 +64,7 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
         speeds[arch] = Speed(rate, eval_rate)
         say(f"speed of {arch}: {rate:.0f} training images/s, {1 / eval_rate:.0f} evaluated images/s")
     s = preset.study
-    settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_configs, s.pair_min_passes)
+    settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_rung_passes, s.min_configs, s.pair_min_passes)
     plan = make_plan(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds,
                      len(data.train), len(data.validation), settings)
     first.set_user_attr(PLAN_ATTR, plan.to_dict())
@@ -97,21 +97,36 @@ def enqueue_defaults(session: Session, plan: Plan) -> None:
 
 
 def enqueue_finals(session: Session, plan: Plan) -> dict[str, str]:
-    """One final run per planned member (once per session): its best search configuration, or its
-    default. Returns arch -> where its configuration came from."""
+    """The plan's final runs (once per session): each member's best search configuration, or its
+    default; a member named twice gets two runs (their seeds differ with their trial numbers).
+    Returns arch -> where its configuration came from."""
     enqueued = {}
-    for arch in plan.final_members:
+    for arch in sorted(set(plan.final_members), key=plan.final_members.index):
         study = session.studies[arch]
         with storage_lock(session.storage_url, f"admit:{study.study_name}"):
             if study.user_attrs.get(DONE):
                 continue
             study.set_user_attr(DONE, True)
-            best = best_search_trial(study)
+            best = final_choice(study, plan.selection_noise)
             params = best.params if best is not None else default_params(session.preset, arch)
-            origin = f"trial {best.number}'s configuration" if best is not None else "its default configuration"
-            study.enqueue_trial(params, user_attrs={PHASE: FINAL, "final_of": best.number if best else -1})
-            enqueued[arch] = origin
+            for _ in range(plan.final_members.count(arch)):
+                study.enqueue_trial(params, user_attrs={PHASE: FINAL, "final_of": best.number if best else -1})
+            runs = plan.final_members.count(arch)
+            enqueued[arch] = ((f"trial {best.number}'s configuration" if best is not None else
+                               "its default configuration") + (f" ({runs} runs, two seeds)" if runs > 1 else ""))
     return enqueued
+
+
+def final_choice(study, noise: float):
+    """The search trial whose configuration a final run trains: the best one, unless it beat the
+    member's default configuration (its first trial) by less than ``noise`` on the selection split,
+    where the default is kept (a maximum over noisy scores flatters the winner). None: no search."""
+    best = best_search_trial(study)
+    default = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.user_attrs.get("default_config") and t.value is not None), None)
+    if best is None or default is None or best.number == default.number:
+        return best
+    return best if best.value - default.value >= noise else default
 
 
 def search_epochs(plan: Plan, preset: Preset, train_images: int) -> int:

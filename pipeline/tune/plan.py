@@ -30,6 +30,7 @@ class Speed:
 class PlanSettings:
     final_fraction: float  # share of the usable time for the final runs when there is a search
     rung_fraction: float  # a search run's length relative to a final run's (in training images)
+    min_rung_passes: float  # and at least this many passes: shorter runs rank configurations by noise
     min_configs: int  # configurations (the default included) a member's search must afford
     pair_min_passes: float  # passes over the training data each of two final runs must get
 
@@ -41,11 +42,12 @@ class Plan:
     tail_seconds: float  # kept for the ensemble search, the audit and registration
     search_seconds: float
     final_seconds: float
-    final_members: tuple[str, ...]  # each gets one final run, in turn, an even share of the final phase
+    final_members: tuple[str, ...]  # one final run each (a member twice: two seeds), an even share of the phase
     rung_passes: float  # length of each search run, in passes over the training data (0: no search)
     configs: dict[str, int]  # configurations each member's search tries, its default first
     final_passes: dict[str, float]  # passes each final run is expected to make
-    selection_noise: float  # standard error of an accuracy near 75 % on the selection split
+    selection_noise: float  # standard error of an accuracy near 75 % on the selection split: a searched
+    # configuration replaces the default in the final runs only when it beat it by at least this much
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -73,6 +75,7 @@ class Plan:
             out.append("  no search: the budget cannot pay for runs long enough to rank configurations; the "
                        "defaults get the time")
         finals = ", ".join(f"{arch} ~{self.final_passes[arch]:.1f} passes" for arch in self.final_members)
+        finals += " (two seeds)" if len(set(self.final_members)) < len(self.final_members) else ""
         out.append(f"  final runs {self.final_seconds / 60:.1f} min: {finals}, each with a schedule that ends "
                    "at its share of the phase")
         out.append(f"  selection-split noise: +/-{100 * self.selection_noise:.1f} points (one standard error)")
@@ -96,56 +99,68 @@ def passes_in(seconds: float, speed: Speed, train_images: int, selection_images:
 
 def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: float, tail_seconds: float,
               train_images: int, selection_images: int, settings: PlanSettings) -> Plan:
-    """``speeds``: the members in preference order (the first is the primary member)."""
+    """``speeds``: the members in preference order (the first is the primary member).
+
+    In order of preference: a pair of final runs after a search; a pair with the whole time; one
+    final run after a search; one final run with the whole time. A pair needs each of its runs to
+    get ``pair_min_passes`` (below that, one run of the whole time learns more than two of half of
+    it, and voting does not earn the difference back); it is the first two members, or the primary
+    member twice (two seeds) when the second member is too slow to get its passes. A search needs
+    ``min_configs`` runs per searching member, each of ``min_rung_passes`` at least."""
     members = list(speeds)
     usable = max(0.0, budget_seconds - setup_seconds - tail_seconds)
     noise = math.sqrt(0.75 * 0.25 / max(1, selection_images))
-    reasons: list[str] = []
 
-    def finals_for(seconds: float, chosen: list[str]) -> dict[str, float]:
+    def passes(seconds: float, chosen: tuple[str, ...]) -> dict[str, float]:
         share = seconds / len(chosen)
         return {a: passes_in(share, speeds[a], train_images, selection_images) for a in chosen}
 
-    # Two final runs only where each still gets enough passes to be near what it can learn; below
-    # that, one member trained for the whole time beats two trained for half of it.
-    chosen = members[:1]
-    if len(members) >= 2:
-        pair = finals_for(usable * settings.final_fraction, members[:2])
-        alone = finals_for(usable, members[:2])
-        if min(pair.values()) >= settings.pair_min_passes:
-            chosen = members[:2]
-            reasons.append(f"a pair: each final run gets >= {settings.pair_min_passes:g} passes even after a "
-                           f"search ({', '.join(f'{a} {p:.1f}' for a, p in pair.items())})")
-        elif min(alone.values()) >= settings.pair_min_passes:
-            chosen = members[:2]
-            reasons.append(f"a pair without search: two final runs of the whole time get >= "
-                           f"{settings.pair_min_passes:g} passes each "
-                           f"({', '.join(f'{a} {p:.1f}' for a, p in alone.items())})")
-        else:
-            reasons.append(f"one member: two final runs would get under {settings.pair_min_passes:g} passes each "
-                           f"({', '.join(f'{a} {p:.1f}' for a, p in alone.items())}); one run of the whole "
-                           "time learns more than two of half of it")
+    def pair(seconds: float) -> tuple[str, ...] | None:
+        for chosen in ((members[0], members[1]) if len(members) > 1 else None, (members[0], members[0])):
+            if chosen and min(passes(seconds, chosen).values()) >= settings.pair_min_passes:
+                return chosen
+        return None
 
-    final_seconds = usable * settings.final_fraction
-    final = finals_for(final_seconds, chosen)
-    rung = max(1.0, math.ceil(settings.rung_fraction * min(final.values())))
-    search_seconds = usable - final_seconds
-    configs = {}
-    for arch in members:
-        if arch not in chosen:
-            configs[arch] = 0
-            continue
-        one = rung * pass_seconds(speeds[arch], train_images) + run_overhead(speeds[arch], selection_images)
-        configs[arch] = int(search_seconds / len(chosen) // one)
-    if any(0 < n < settings.min_configs for n in configs.values()) or not any(configs.values()):
-        short = {a: n for a, n in configs.items() if a in chosen}
-        reasons.append(f"no search: {rung:g}-pass runs (a {settings.rung_fraction:g} share of a final run, "
-                       f"at least one pass) leave room for {', '.join(f'{a} {n}' for a, n in short.items())} "
-                       f"configurations, under the {settings.min_configs} a search needs to beat its default")
+    def search(final_seconds: float, chosen: tuple[str, ...]) -> tuple[float, dict[str, int]]:
+        """(rung passes, configurations per member) of a search in what the final runs leave."""
+        rung = max(settings.min_rung_passes, math.ceil(settings.rung_fraction * min(passes(final_seconds,
+                                                                                           chosen).values())))
+        searching = sorted(set(chosen), key=members.index)
         configs = {a: 0 for a in members}
-        final_seconds, search_seconds, rung = usable, 0.0, 0.0
-        if len(chosen) == 2 and min(finals_for(usable, chosen).values()) < settings.pair_min_passes:
-            chosen = chosen[:1]
-        final = finals_for(final_seconds, chosen)
-    return Plan(budget_seconds, setup_seconds, tail_seconds, search_seconds, final_seconds, tuple(chosen),
-                rung, configs, final, noise, tuple(reasons))
+        for arch in searching:
+            one = rung * pass_seconds(speeds[arch], train_images) + run_overhead(speeds[arch], selection_images)
+            configs[arch] = int((usable - final_seconds) / len(searching) // one)
+        return rung, configs
+
+    def affordable(configs: dict[str, int], chosen: tuple[str, ...]) -> bool:
+        return all(configs[a] >= settings.min_configs for a in set(chosen))
+
+    with_search = usable * settings.final_fraction
+    options = []
+    chosen = pair(with_search)
+    if chosen:
+        options.append((chosen, with_search, "a pair after a search"))
+    chosen = pair(usable)
+    if chosen:
+        options.append((chosen, usable, "a pair with the whole time"))
+    options += [((members[0],), with_search, "one member after a search"), ((members[0],), usable,
+                                                                             "one member with the whole time")]
+    reasons = [f"a pair needs {settings.pair_min_passes:g} passes per final run; the whole time split between "
+               + " and ".join(members) + " buys " + " and ".join(f"{p:.1f}" for p in
+                                                                  passes(usable, tuple(members)).values())]
+    for chosen, final_seconds, label in options:
+        if final_seconds < usable:
+            rung, configs = search(final_seconds, chosen)
+            if not affordable(configs, chosen):
+                reasons.append(f"not {label}: {rung:g}-pass search runs leave room for "
+                               + ", ".join(f"{a} {configs[a]}" for a in sorted(set(chosen), key=members.index))
+                               + f" configurations, under the {settings.min_configs} a search needs to beat its "
+                                 "default")
+                continue
+        else:
+            rung, configs = 0.0, {a: 0 for a in members}
+        reasons.append(f"chose {label}: " + ", ".join(f"{a} ~{p:.1f} passes" for a, p in
+                                                       passes(final_seconds, chosen).items()))
+        return Plan(budget_seconds, setup_seconds, tail_seconds, usable - final_seconds, final_seconds, chosen,
+                    float(rung), configs, passes(final_seconds, chosen), noise, tuple(reasons))
+    raise AssertionError("the last option always applies")

@@ -156,7 +156,7 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | 
     data, client = session.data, session.client
     with tempfile.TemporaryDirectory() as tmp:
         candidates = load_candidates(session, Path(tmp))
-        if not enough_candidates(candidates, session.preset.study):
+        if not enough_candidates(candidates, session.preset.study, planned=session.plan is not None):
             print("not enough finished trials for an ensemble: nothing registered")
             return None, None
         run_id = tracking.start_run(client, session.experiment_id, f"ensemble-{session.study_name}",

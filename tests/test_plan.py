@@ -1,0 +1,182 @@
+"""The plan's arithmetic on given speeds, budgets and data sizes (hand-computed expectations):
+no search when the budget cannot pay for runs long enough to rank configurations, a search sized to
+what it can, one member or a pair for the final runs, and the default kept over a winner within noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from workers import FakeClock, tracking_here  # noqa: F401 - fixture
+
+from pipeline.tune.phases import final_choice
+from pipeline.tune.plan import Plan, PlanSettings, Speed, make_plan
+
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+              pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")]
+
+SETTINGS = PlanSettings(final_fraction=0.6, rung_fraction=0.1, min_rung_passes=2, min_configs=3,
+                        pair_min_passes=12)
+
+
+def test_a_small_budget_buys_no_search_and_one_member_for_the_whole_time():
+    # 2,500 training and 500 selection images; a: 50 img/s (a pass in 50 s), b: 25 img/s (100 s);
+    # a run's overhead: 2 x 500 evaluated images + 6 s = 8 s for a, 10 s for b. 600 s - 20 - 60 = 520 usable.
+    speeds = {"a": Speed(50.0, 0.002), "b": Speed(25.0, 0.004)}
+    plan = make_plan(speeds, 600, 20, 60, 2500, 500, SETTINGS)
+    # A pair would get (260 - 8) / 50 = 5.0 and (260 - 10) / 100 = 2.5 passes (a twice: 5.0): under 12,
+    # so one member. With a search, a's final run gets (312 - 8) / 50 = 6.1 passes; search runs of 2
+    # passes (108 s) fit once in the 208 s left: under 3 configurations, so no search, all 520 s to a.
+    assert not plan.search and plan.configs == {"a": 0, "b": 0} and plan.rung_passes == 0
+    assert plan.final_members == ("a",)
+    assert plan.final_seconds == pytest.approx(520) and plan.search_seconds == 0
+    assert plan.final_passes == {"a": pytest.approx((520 - 8) / 50)}
+    assert plan.selection_noise == pytest.approx((0.75 * 0.25 / 500) ** 0.5)
+    text = "\n".join(plan.lines())
+    assert "no search" in text and "one member" in text
+
+
+def test_a_large_budget_searches_what_it_can_judge():
+    # a: a pass in 25 s, b in 50 s, 7 s of overhead each; 3,600 s - 30 - 60 = 3,510 usable.
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(50.0, 0.001)}
+    plan = make_plan(speeds, 3600, 30, 60, 2500, 500, PlanSettings(0.6, 0.1, 2, 3, pair_min_passes=75))
+    # No pair: even with the whole time halved, b gets (1,755 - 7) / 50 = 35.0 and a (1,748) / 25 = 69.9 < 75.
+    assert plan.final_members == ("a",)
+    # a's final run: (2,106 - 7) / 25 = 84.0 passes; search runs of ceil(8.4) = 9 passes (232 s) fit
+    # 6 times in the 1,404 s of search.
+    assert plan.final_seconds == pytest.approx(2106) and plan.search_seconds == pytest.approx(1404)
+    assert plan.rung_passes == 9 and plan.configs == {"a": 6, "b": 0}
+    assert plan.final_passes == {"a": pytest.approx(2099 / 25)}
+
+
+def test_a_pair_when_each_final_run_still_learns_enough():
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(100.0, 0.001)}
+    plan = make_plan(speeds, 3600, 30, 60, 2500, 500, SETTINGS)
+    # Each of two final runs: (1,053 - 7) / 25 = 41.8 passes >= 12; search runs of ceil(4.18) = 5 passes
+    # (132 s) fit 5 times in each member's 702 s.
+    assert plan.final_members == ("a", "b") and plan.configs == {"a": 5, "b": 5} and plan.rung_passes == 5
+    # A smaller budget: no search, and the pair only if each still gets enough of the whole time.
+    small = make_plan(speeds, 600, 20, 60, 2500, 500, PlanSettings(0.6, 0.1, 2, 3, pair_min_passes=5))
+    assert not small.search and small.final_members == ("a", "b")
+    assert small.final_passes == {"a": pytest.approx(253 / 25), "b": pytest.approx(253 / 25)}  # 260 s each
+    alone = make_plan(speeds, 600, 20, 60, 2500, 500, PlanSettings(0.6, 0.1, 2, 3, pair_min_passes=11))
+    assert alone.final_members == ("a",)  # 10.1 passes each would be under 11
+    # ... and a's final run of (312 - 7) / 25 = 12.2 passes leaves 208 s for 3 runs of 2 passes (57 s).
+    assert alone.configs == {"a": 3, "b": 0} and alone.rung_passes == 2
+
+
+def test_a_slow_second_member_gives_way_to_a_second_seed_of_the_first():
+    # b: a pass in 100 s. Each of two final runs after a search: a (1,053 - 7) / 25 = 41.8 passes,
+    # b (1,046) / 100 = 10.5 < 12: the pair is a twice (two seeds), and only a is searched.
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(25.0, 0.001)}
+    plan = make_plan(speeds, 3600, 30, 60, 2500, 500, SETTINGS)
+    assert plan.final_members == ("a", "a") and plan.configs == {"a": 10, "b": 0}
+    assert "two seeds" in "\n".join(plan.lines())
+
+
+def test_a_plan_survives_the_storage_round_trip():
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(100.0, 0.001)}
+    plan = make_plan(speeds, 3600, 30, 60, 2500, 500, SETTINGS)
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_the_final_run_keeps_the_default_unless_the_winner_beat_it_by_the_noise(tmp_path):
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+
+    def add(lr, value, **attrs):
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=value,
+                                                  user_attrs={"mlflow_run_id": f"r{lr}", **attrs}))
+
+    add(2e-3, 0.70, default_config=True)
+    add(3e-3, 0.72)
+    assert final_choice(study, noise=0.03).params["lr"] == 2e-3  # +2 points < 3: the default stays
+    assert final_choice(study, noise=0.02).params["lr"] == 3e-3  # +2 points >= 2: the winner
+    add(1e-3, 0.69, phase="final")  # final runs are never search winners
+    assert final_choice(study, noise=0.01).params["lr"] == 3e-3
+    assert final_choice(optuna.create_study(direction="maximize"), 0.01) is None
+
+
+# ----------------------------------------------------------------------------- a budgeted session
+
+def _budget_preset(tmp_path, **study):
+    import yaml
+    from conftest import make_competition_dataset
+
+    from pipeline.config import load_preset
+
+    root = make_competition_dataset(tmp_path / "d", size=16, counts={"train": 4, "validation": 6}, test_count=5,
+                                    test_labels=True)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"root": str(root), "augment": "shift", "normalize": "half"},
+        "model": {"convs_per_block": 1},
+        "train": {"epochs": 3, "batch_size": 10, "precision": "fp32", "device": "cpu", "lr": 2e-3},
+        "study": {"trials": 9, "pruner": "none", "top_k": 2, "ensemble_method": "soft", "time_budget": "40s",
+                  "tail_seconds": 10, "space": {"train.lr": {"low": 1e-3, "high": 4e-3, "log": True}}, **study}}))
+    return load_preset(str(path))
+
+
+def test_a_budgeted_session_follows_its_plan(tmp_path, tracking_here):
+    """Through the real storage and tracking store, with the session's plan given: the default
+    configuration is each searching member's first trial, each member runs its quota of search runs
+    (their schedules end with them, nothing pruned), and the final runs (cnn_v1 twice: two seeds)
+    train until their deadlines and are the ensemble's candidates."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tune import run_tuning
+    from pipeline.tune.phases import PLAN_ATTR, default_params
+
+    preset = _budget_preset(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    run_tuning(preset, "plan", "s", storage, progress=False, setup_only=True)
+    # Budget 40 s: tail 10, final runs 10, search 20 (this clock moves 0.05 s a reading).
+    plan = Plan(40, 0, 10, 20, 10, ("cnn_v1", "cnn_v1"), 1.0, {"cnn_v1": 2, "cnn_v2": 1}, {"cnn_v1": 5.0}, 0.5)
+    optuna.load_study(study_name="s.cnn_v1", storage=storage).set_user_attr(PLAN_ATTR, plan.to_dict())
+    summary = run_tuning(preset, "plan", "s", storage, progress=False, clock=FakeClock(50_000.0, 0.05))
+    assert summary.model_version is not None
+
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("plan").experiment_id])
+    trials = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("kind") == "trial"}
+    assert sorted(trials) == ["cnn_v1-final-2", "cnn_v1-final-3", "cnn_v1-search-0", "cnn_v1-search-1",
+                              "cnn_v2-search-0"]
+    for name, run in trials.items():
+        assert run.data.tags["phase"] == name.split("-")[1] and run.info.status == "FINISHED"
+    for arch in ("cnn_v1", "cnn_v2"):
+        first = optuna.load_study(study_name=f"s.{arch}", storage=storage).trials[0]
+        assert first.user_attrs["default_config"] and first.params == default_params(preset, arch)
+    assert trials["cnn_v1-search-0"].data.params["train.lr"] == "0.002"  # the preset's own
+    # Search runs last the plan's rung (one pass over the 20 training images) and end with their
+    # schedule; final runs end at their deadlines, with different seeds.
+    assert trials["cnn_v1-search-1"].data.tags["stop_reason"] == "max_epochs"
+    finals = [trials["cnn_v1-final-2"], trials["cnn_v1-final-3"]]
+    assert all(f.data.tags["stop_reason"] == "deadline" for f in finals)
+    assert finals[0].data.params["train.seed"] != finals[1].data.params["train.seed"]
+    assert finals[0].data.params["train.lr"] == trials["cnn_v1-search-0"].data.params["train.lr"] or \
+        finals[0].data.params["train.lr"] == trials["cnn_v1-search-1"].data.params["train.lr"]
+
+
+def test_the_first_worker_measures_makes_prints_and_logs_the_plan(tmp_path, tracking_here, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tune import open_session
+    from pipeline.tune.budget import session_budget
+    from pipeline.tune.phases import session_plan
+
+    preset = _budget_preset(tmp_path)
+    session = open_session(preset, "plan", "m", f"sqlite:///{tmp_path / 'optuna.db'}")
+    session.clock = FakeClock(50_000.0, 0.05)
+    budget = session_budget(session.studies["cnn_v1"], "40s", 10, session.clock)
+    plan, made = session_plan(session, budget)
+    assert made and plan.budget_seconds == 40 and plan.tail_seconds == 10
+    again, made_again = session_plan(session, budget)  # another worker: reads it, measures nothing
+    assert again == plan and not made_again
+    run = MlflowClient().get_run(session.parent_run_id)
+    assert run.data.params["plan.final_members"] == ",".join(plan.final_members)
+    assert float(run.data.params["plan.speed.cnn_v1"]) > 0
+    logged = json.loads(Path(MlflowClient().download_artifacts(session.parent_run_id, "plan.json",
+                                                               str(tmp_path / "dl"))).read_text())
+    assert logged["final_seconds"] == plan.final_seconds and logged["text"] == plan.lines()
+    assert "speed of cnn_v1" in capsys.readouterr().err
