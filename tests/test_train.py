@@ -286,7 +286,7 @@ def test_train_under_mlflow_run_logs_into_the_launchers_run(learnable, tmp_path,
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     assert main(["train", "--data", str(learnable), "--epochs", "3", "--arch", "cnn_v1", "--convs-per-block", "1",
                  "--batch-size", "16", "--augment", "none", "--precision", "fp32", "--lr", "0.003",
-                 "--no-progress"]) == 0
+                 "--evaluations", "3", "--eval-share", "1", "--no-progress"]) == 0
     runs = client.search_runs([experiment_id])
     assert [r.info.run_id for r in runs] == [launcher.info.run_id], "one call, one run: the launcher's"
     run = runs[0]
@@ -297,7 +297,7 @@ def test_train_under_mlflow_run_logs_into_the_launchers_run(learnable, tmp_path,
                 "data.augment", "data.image_size", "train.precision", "train.device", "train.seed"):
         assert key in params, key
     assert params["model.arch"] == "cnn_v1" and params["train.epochs"] == "3"
-    for name in M.EPOCH_METRICS:
+    for name in M.EPOCH_METRICS:  # --evaluations 3 over 3 epochs: every epoch read the selection split
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == [1, 2, 3], name
     for name in M.SUMMARY_METRICS:
