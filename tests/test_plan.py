@@ -76,6 +76,17 @@ def test_a_slow_second_member_gives_way_to_a_second_seed_of_the_first():
     assert "two seeds" in "\n".join(plan.lines())
 
 
+def test_the_tail_pays_for_the_audit_of_each_final_run():
+    # 2,000 audit images, plain and mirrored, at 0.002 s an image: 8 s a final run on top of the 20 s.
+    speeds = {"a": Speed(50.0, 0.002), "b": Speed(25.0, 0.004)}
+    one = make_plan(speeds, 600, 20, 20, 2500, 500, SETTINGS, audit_images=2000)
+    assert one.final_members == ("a",) and one.tail_seconds == pytest.approx(20 + 8)
+    assert one.final_seconds == pytest.approx(600 - 20 - 28)
+    both = make_plan({"a": Speed(100.0, 0.001), "b": Speed(100.0, 0.001)}, 3600, 30, 20, 2500, 500, SETTINGS,
+                     audit_images=2000)
+    assert both.final_members == ("a", "b") and both.tail_seconds == pytest.approx(20 + 4 + 4)
+
+
 def test_a_plan_survives_the_storage_round_trip():
     speeds = {"a": Speed(100.0, 0.001), "b": Speed(100.0, 0.001)}
     plan = make_plan(speeds, 3600, 30, 60, 2500, 500, SETTINGS)
@@ -170,7 +181,8 @@ def test_the_first_worker_measures_makes_prints_and_logs_the_plan(tmp_path, trac
     session.clock = FakeClock(50_000.0, 0.05)
     budget = session_budget(session.studies["cnn_v1"], "40s", 10, session.clock)
     plan, made = session_plan(session, budget)
-    assert made and plan.budget_seconds == 40 and plan.tail_seconds == 10
+    assert made and plan.budget_seconds == 40
+    assert 10 < plan.tail_seconds < 12  # 10 s, and the audit of 25 test images at the measured speed
     again, made_again = session_plan(session, budget)  # another worker: reads it, measures nothing
     assert again == plan and not made_again
     run = MlflowClient().get_run(session.parent_run_id)

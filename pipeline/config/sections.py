@@ -153,8 +153,8 @@ class StudyConfig:
                                            "must get for the plan to train a pair rather than one member")
     refit_epochs: int = setting(0, "without a time budget: epochs that continue each member's best configuration "
                                    "(0 = no refit; a time budget has final runs instead)")
-    tail_seconds: float = setting(60.0, "seconds of a time budget kept for the ensemble search, audit and "
-                                        "registration")
+    tail_seconds: float = setting(20.0, "seconds of a time budget kept for the ensemble search and registration, "
+                                        "besides the audit's cost (which the plan measures and adds)")
     warm_start: str | None = setting(None, "STUDY[@STORAGE]: first try the best configurations of an earlier "
                                            "study (e.g. a quick one on a sample)")
     warm_start_k: int = setting(3, "configurations per member a warm start enqueues")

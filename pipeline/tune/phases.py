@@ -66,7 +66,8 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
     s = preset.study
     settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_rung_passes, s.min_configs, s.pair_min_passes)
     plan = make_plan(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds,
-                     len(data.train), len(data.validation), settings)
+                     len(data.train), len(data.validation), settings,
+                     len(session.audit) if session.audit is not None else 0)
     first.set_user_attr(PLAN_ATTR, plan.to_dict())
     log_plan(session, plan, speeds)
     return plan, True

@@ -39,7 +39,7 @@ class PlanSettings:
 class Plan:
     budget_seconds: float
     setup_seconds: float  # already spent when the plan was made (data loading, speed probes)
-    tail_seconds: float  # kept for the ensemble search, the audit and registration
+    tail_seconds: float  # kept for the ensemble search, the audit (measured cost) and registration
     search_seconds: float
     final_seconds: float
     final_members: tuple[str, ...]  # one final run each (a member twice: two seeds), an even share of the phase
@@ -98,7 +98,7 @@ def passes_in(seconds: float, speed: Speed, train_images: int, selection_images:
 
 
 def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: float, tail_seconds: float,
-              train_images: int, selection_images: int, settings: PlanSettings) -> Plan:
+              train_images: int, selection_images: int, settings: PlanSettings, audit_images: int = 0) -> Plan:
     """``speeds``: the members in preference order (the first is the primary member).
 
     In order of preference: a pair of final runs after a search; a pair with the whole time; one
@@ -106,19 +106,28 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
     get ``pair_min_passes`` (below that, one run of the whole time learns more than two of half of
     it, and voting does not earn the difference back); it is the first two members, or the primary
     member twice (two seeds) when the second member is too slow to get its passes. A search needs
-    ``min_configs`` runs per searching member, each of ``min_rung_passes`` at least."""
+    ``min_configs`` runs per searching member, each of ``min_rung_passes`` at least. The tail is
+    ``tail_seconds`` for the ensemble search and registration plus the audit of each final run (plain
+    and mirrored images) at its measured speed."""
     members = list(speeds)
-    usable = max(0.0, budget_seconds - setup_seconds - tail_seconds)
+
+    def tail(chosen: tuple[str, ...]) -> float:
+        return tail_seconds + 2 * audit_images * sum(speeds[a].eval_seconds_per_image for a in chosen)
+
+    def usable_for(chosen: tuple[str, ...]) -> float:
+        return max(0.0, budget_seconds - setup_seconds - tail(chosen))
+
     noise = math.sqrt(0.75 * 0.25 / max(1, selection_images))
 
     def passes(seconds: float, chosen: tuple[str, ...]) -> dict[str, float]:
         share = seconds / len(chosen)
         return {a: passes_in(share, speeds[a], train_images, selection_images) for a in chosen}
 
-    def pair(seconds: float) -> tuple[str, ...] | None:
+    def pair(share: float) -> tuple[tuple[str, ...], float] | None:
+        """The pair whose runs each get their passes from ``share`` of the usable time, and that time."""
         for chosen in ((members[0], members[1]) if len(members) > 1 else None, (members[0], members[0])):
-            if chosen and min(passes(seconds, chosen).values()) >= settings.pair_min_passes:
-                return chosen
+            if chosen and min(passes(share * usable_for(chosen), chosen).values()) >= settings.pair_min_passes:
+                return chosen, share * usable_for(chosen)
         return None
 
     def search(final_seconds: float, chosen: tuple[str, ...]) -> tuple[float, dict[str, int]]:
@@ -129,26 +138,26 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
         configs = {a: 0 for a in members}
         for arch in searching:
             one = rung * pass_seconds(speeds[arch], train_images) + run_overhead(speeds[arch], selection_images)
-            configs[arch] = int((usable - final_seconds) / len(searching) // one)
+            configs[arch] = int((usable_for(chosen) - final_seconds) / len(searching) // one)
         return rung, configs
 
     def affordable(configs: dict[str, int], chosen: tuple[str, ...]) -> bool:
         return all(configs[a] >= settings.min_configs for a in set(chosen))
 
-    with_search = usable * settings.final_fraction
     options = []
-    chosen = pair(with_search)
-    if chosen:
-        options.append((chosen, with_search, "a pair after a search"))
-    chosen = pair(usable)
-    if chosen:
-        options.append((chosen, usable, "a pair with the whole time"))
-    options += [((members[0],), with_search, "one member after a search"), ((members[0],), usable,
-                                                                             "one member with the whole time")]
+    for share, label in ((settings.final_fraction, "a pair after a search"), (1.0, "a pair with the whole time")):
+        found = pair(share)
+        if found:
+            options.append((*found, label))
+    alone = (members[0],)
+    options += [(alone, settings.final_fraction * usable_for(alone), "one member after a search"),
+                (alone, usable_for(alone), "one member with the whole time")]
+    everyone = tuple(members)
     reasons = [f"a pair needs {settings.pair_min_passes:g} passes per final run; the whole time split between "
                + " and ".join(members) + " buys " + " and ".join(f"{p:.1f}" for p in
-                                                                  passes(usable, tuple(members)).values())]
+                                                                  passes(usable_for(everyone), everyone).values())]
     for chosen, final_seconds, label in options:
+        usable = usable_for(chosen)
         if final_seconds < usable:
             rung, configs = search(final_seconds, chosen)
             if not affordable(configs, chosen):
@@ -161,6 +170,6 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
             rung, configs = 0.0, {a: 0 for a in members}
         reasons.append(f"chose {label}: " + ", ".join(f"{a} ~{p:.1f} passes" for a, p in
                                                        passes(final_seconds, chosen).items()))
-        return Plan(budget_seconds, setup_seconds, tail_seconds, usable - final_seconds, final_seconds, chosen,
+        return Plan(budget_seconds, setup_seconds, tail(chosen), usable - final_seconds, final_seconds, chosen,
                     float(rung), configs, passes(final_seconds, chosen), noise, tuple(reasons))
     raise AssertionError("the last option always applies")

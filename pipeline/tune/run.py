@@ -74,7 +74,8 @@ def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | 
                                         entered)
         if session.budget is not None:  # the plan: measured and made once, read by every other worker
             session.plan, made = session_plan(session, session.budget)
-            session.budget = replace(session.budget, final_seconds=session.plan.final_seconds)
+            session.budget = replace(session.budget, final_seconds=session.plan.final_seconds,
+                                     tail_seconds=session.plan.tail_seconds)
             for line in session.plan.lines() if made else session.plan.lines()[:1]:
                 say(line)
     try:
