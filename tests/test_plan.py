@@ -67,6 +67,18 @@ def test_a_pair_when_each_final_run_still_learns_enough():
     assert alone.configs == {"a": 3, "b": 0} and alone.rung_passes == 2
 
 
+def test_no_search_while_the_final_run_would_still_learn_more_from_the_passes():
+    # The large budget above: a's final run after a search gets 84.0 passes, the whole time
+    # (3,510 - 7) / 25 = 140.1. Asking 90 passes of a final run after a search leaves no search.
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(50.0, 0.001)}
+    searched = make_plan(speeds, 3600, 30, 60, 2500, 500, PlanSettings(0.6, 0.1, 2, 3, 75, final_min_passes=83))
+    assert searched.search and searched.final_seconds == pytest.approx(2106)
+    whole = make_plan(speeds, 3600, 30, 60, 2500, 500, PlanSettings(0.6, 0.1, 2, 3, 75, final_min_passes=90))
+    assert not whole.search and whole.final_members == ("a",)
+    assert whole.final_seconds == pytest.approx(3510) and whole.final_passes == {"a": pytest.approx(3503 / 25)}
+    assert any("84.0 passes, under the 90" in r for r in whole.reasons)
+
+
 def test_a_slow_second_member_gives_way_to_a_second_seed_of_the_first():
     # b: a pass in 100 s. Each of two final runs after a search: a (1,053 - 7) / 25 = 41.8 passes,
     # b (1,046) / 100 = 10.5 < 12: the pair is a twice (two seeds), and only a is searched.

@@ -64,7 +64,8 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
         speeds[arch] = Speed(rate, eval_rate)
         say(f"speed of {arch}: {rate:.0f} training images/s, {1 / eval_rate:.0f} evaluated images/s")
     s = preset.study
-    settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_rung_passes, s.min_configs, s.pair_min_passes)
+    settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_rung_passes, s.min_configs, s.pair_min_passes,
+                            s.final_min_passes)
     plan = make_plan(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds,
                      len(data.train), len(data.validation), settings,
                      len(session.audit) if session.audit is not None else 0)

@@ -33,6 +33,8 @@ class PlanSettings:
     min_rung_passes: float  # and at least this many passes: shorter runs rank configurations by noise
     min_configs: int  # configurations (the default included) a member's search must afford
     pair_min_passes: float  # passes over the training data each of two final runs must get
+    final_min_passes: float = 0.0  # passes a final run after a search must still get: below them, the
+    # passes a search takes from the final run are worth more than what it can find
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
     get ``pair_min_passes`` (below that, one run of the whole time learns more than two of half of
     it, and voting does not earn the difference back); it is the first two members, or the primary
     member twice (two seeds) when the second member is too slow to get its passes. A search needs
-    ``min_configs`` runs per searching member, each of ``min_rung_passes`` at least. The tail is
+    ``min_configs`` runs per searching member, each of ``min_rung_passes`` at least, and must leave
+    each final run ``final_min_passes`` (while the learning curve still climbs steeply, a longer final
+    run is worth more than the search's best configuration over the default). The tail is
     ``tail_seconds`` for the ensemble search and registration plus the audit of each final run (plain
     and mirrored images) at its measured speed."""
     members = list(speeds)
@@ -159,6 +163,11 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
     for chosen, final_seconds, label in options:
         usable = usable_for(chosen)
         if final_seconds < usable:
+            short = min(passes(final_seconds, chosen).values())
+            if short < settings.final_min_passes:
+                reasons.append(f"not {label}: its final runs would get {short:.1f} passes, under the "
+                               f"{settings.final_min_passes:g} below which more passes beat a search")
+                continue
             rung, configs = search(final_seconds, chosen)
             if not affordable(configs, chosen):
                 reasons.append(f"not {label}: {rung:g}-pass search runs leave room for "
