@@ -171,7 +171,8 @@ def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
     worker with other data cannot join."""
     import mlflow
 
-    from pipeline.tune import TuneError, open_session, run_tuning
+    from pipeline.config import override
+    from pipeline.tune import TuneError, WorkerOptions, open_session, run_tuning
 
     root = make_competition_dataset(tmp_path / "data", size=32, counts={"train": 4, "validation": 6},
                                     test_count=3)
@@ -188,7 +189,9 @@ def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    summary = run_tuning(load_preset(str(preset_path)), "audit", "s", storage, progress=False)
+    preset = load_preset(str(preset_path))
+    preset = override(preset, study=override(preset.study, name="s", storage=storage))
+    summary = run_tuning(preset, WorkerOptions("audit", progress=False))
 
     audit_ids = _independent_audit_ids(root, "validation", 2)  # ceil(0.3 x 6) per class
     validation = {r["image_id"] for r in read_csv_rows(root / "validation.csv")}

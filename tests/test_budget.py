@@ -11,9 +11,10 @@ from optuna.trial import TrialState
 from pipeline.config import ConfigError, DataConfig, ModelConfig, TrainConfig, parse_duration
 from pipeline.data import load_dataset
 from pipeline.train import build_and_fit
-from pipeline.tune.budget import (EPOCH_SECONDS, Budget, EpochBudget, MemberStats, admits, choose_member,
-                                  epoch_estimates, projected_epoch, session_budget)
-from pipeline.tune.session import TuneError
+from pipeline.tune.budget import (Budget, EpochBudget, MemberStats, admits, choose_member, epoch_estimates,
+                                  projected_epoch)
+from pipeline.tune.keys import EPOCH_SECONDS
+from pipeline.tune.session import TuneError, session_budget
 from pipeline.tune.warm_start import warm_start
 from workers import FakeClock, tracking_here  # noqa: F401 - fixture
 
@@ -160,13 +161,12 @@ def test_admission_in_a_session_follows_the_shared_clock_and_the_measured_epochs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
-    session = open_session(load_preset(str(preset)), "b", "s", f"sqlite:///{tmp_path / 'optuna.db'}")
     clock = FakeClock(start=10_000.0)
-    session.clock = clock
+    session = open_session(load_preset(str(preset)), "b", "s", f"sqlite:///{tmp_path / 'optuna.db'}", clock=clock)
     budget = session_budget(session.studies["cnn_v1"], "1000s", 60, clock)
-    session.budget = replace(budget, final_seconds=200.0)  # search ends at 10,740
     # Search runs of one pass: 20 training images in epochs of 20, one epoch each.
-    session.plan = Plan(1000, 0, 60, 740, 200, ("cnn_v1",), 1.0, {"cnn_v1": 5}, {"cnn_v1": 9.0}, 0.1)
+    session = replace(session, budget=replace(budget, final_seconds=200.0),  # search ends at 10,740
+                      plan=Plan(1000, 0, 60, 740, 200, ("cnn_v1",), 1.0, {"cnn_v1": 5}, {"cnn_v1": 9.0}, 0.1))
     study = session.studies["cnn_v1"]
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={EPOCH_SECONDS: [100.0, 100.0]}))
     clock.now = 10_650.0

@@ -135,6 +135,49 @@ def test_no_module_is_a_novel():
     assert max(sizes.values()) <= 330, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
+MAX_PARAMETERS = 8  # more: pass the settings object that exists
+MAX_FUNCTION_LINES = 50  # more: two functions
+LONG_BY_DESIGN = {"pipeline/bench/report.py:format_table"}  # a reporting table, one row per line
+
+
+def _functions() -> list[tuple[str, ast.FunctionDef]]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((f"{path.relative_to(PROJECT_DIR)}:{node.name}", node))
+    return found
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    def count(node: ast.FunctionDef) -> int:
+        a = node.args
+        names = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
+        return len([n for n in names if n.arg not in ("self", "cls")])
+
+    over = {name: count(node) for name, node in _functions() if count(node) > MAX_PARAMETERS}
+    assert not over, over
+
+
+def test_no_function_is_longer_than_a_screen():
+    over = {name: node.end_lineno - node.lineno + 1 for name, node in _functions()
+            if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES and name not in LONG_BY_DESIGN}
+    assert not over, over
+
+
+def test_no_module_name_means_two_things():
+    """A module's name says what it holds: no two packages each have a module of the same name for
+    different jobs (a stage's own ``run.py`` or ``figures.py`` is the one shared name allowed)."""
+    shared = {"__init__", "__main__", "run", "figures"}
+    by_name: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        by_name.setdefault(path.stem, []).append(str(path.relative_to(PROJECT_DIR)))
+    for package in (p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        by_name.setdefault(package.name, []).append(str(package.relative_to(PROJECT_DIR)) + "/")
+    twice = {name: paths for name, paths in by_name.items() if len(paths) > 1 and name not in shared}
+    assert not twice, twice
+
+
 # ----------------------------------------------------------------------------- flags and MLproject
 
 def test_mlproject_is_rendered_from_the_command_table():

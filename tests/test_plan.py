@@ -149,16 +149,19 @@ def test_a_budgeted_session_follows_its_plan(tmp_path, tracking_here):
     train until their deadlines and are the ensemble's candidates."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tune import run_tuning
-    from pipeline.tune.phases import PLAN_ATTR, default_params
+    from pipeline.config import override
+    from pipeline.tune import WorkerOptions, run_tuning
+    from pipeline.tune.keys import PLAN
+    from pipeline.tune.phases import default_params
 
-    preset = _budget_preset(tmp_path)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    run_tuning(preset, "plan", "s", storage, progress=False, setup_only=True)
+    preset = _budget_preset(tmp_path)
+    preset = override(preset, study=override(preset.study, name="s", storage=storage))
+    run_tuning(preset, WorkerOptions("plan", progress=False, setup_only=True))
     # Budget 40 s: tail 10, final runs 10, search 20 (this clock moves 0.05 s a reading).
     plan = Plan(40, 0, 10, 20, 10, ("cnn_v1", "cnn_v1"), 1.0, {"cnn_v1": 2, "cnn_v2": 1}, {"cnn_v1": 5.0}, 0.5)
-    optuna.load_study(study_name="s.cnn_v1", storage=storage).set_user_attr(PLAN_ATTR, plan.to_dict())
-    summary = run_tuning(preset, "plan", "s", storage, progress=False, clock=FakeClock(50_000.0, 0.05))
+    optuna.load_study(study_name="s.cnn_v1", storage=storage).set_user_attr(PLAN, plan.to_dict())
+    summary = run_tuning(preset, WorkerOptions("plan", progress=False, clock=FakeClock(50_000.0, 0.05)))
     assert summary.model_version is not None
 
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("plan").experiment_id])
@@ -185,12 +188,12 @@ def test_the_first_worker_measures_makes_prints_and_logs_the_plan(tmp_path, trac
     from mlflow.tracking import MlflowClient
 
     from pipeline.tune import open_session
-    from pipeline.tune.budget import session_budget
     from pipeline.tune.phases import session_plan
+    from pipeline.tune.session import session_budget
 
     preset = _budget_preset(tmp_path)
-    session = open_session(preset, "plan", "m", f"sqlite:///{tmp_path / 'optuna.db'}")
-    session.clock = FakeClock(50_000.0, 0.05)
+    session = open_session(preset, "plan", "m", f"sqlite:///{tmp_path / 'optuna.db'}",
+                           clock=FakeClock(50_000.0, 0.05))
     budget = session_budget(session.studies["cnn_v1"], "40s", 10, session.clock)
     plan, made = session_plan(session, budget)
     assert made and plan.budget_seconds == 40

@@ -56,7 +56,7 @@ def test_a_tune_without_a_terminal_says_where_it_is(tuned):
 
 
 def progress_phases():
-    from pipeline.tune.reporting import PHASES
+    from pipeline.tune.console import PHASES
 
     return PHASES
 

@@ -23,6 +23,7 @@ from conftest import seed_store
 from workers import (assert_one_session, finish, load_trials, mid_trial, session_runs, small_data,  # noqa: F401
                      start_worker, tracking_here, tune_args, wait_for, write_preset)
 
+from pipeline.tune.workers import run_search
 from pipeline import metric_names as M
 from pipeline.train.checkpoint import load_checkpoint
 
@@ -131,7 +132,7 @@ def test_cuda_oom_fails_the_trial_releases_its_memory_and_the_study_goes_on(smal
         return build(cfg)
 
     monkeypatch.setattr(recipe, "build_model", counting_build)
-    counts = tune.run_member_study(session, "cnn_v1")
+    counts = run_search(session)
     assert counts == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 1}  # the study went on to its budget
     assert seen_at_build == [0, 0, 0]  # the out-of-memory trial's network was freed before the next
     assert _live_models() == baseline
@@ -153,7 +154,7 @@ class OtherWorker:
     def __init__(self, storage: str, study: str):
         import threading
 
-        from pipeline.tune.session import MAX_RETRY
+        from pipeline.tune.keys import MAX_RETRY
         from pipeline.tune.storage import open_storage
 
         self.study = optuna.load_study(study_name=study, storage=open_storage(storage, 1, MAX_RETRY))
@@ -195,7 +196,7 @@ def test_failed_trials_cost_one_trial_each_and_are_never_retried_even_on_a_slow_
     session = _session(write_preset(tmp_path / "preset.yaml", small_data, trials=2, epochs=1), "faults", storage)
     session.studies["cnn_v1"].enqueue_trial({"lr": 1e30})  # outside the space on purpose: a user's bad guess
     with OtherWorker(storage, "faults.cnn_v1"):
-        counts = tune.run_member_study(session, "cnn_v1")
+        counts = run_search(session)
     assert counts == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 2}
     trials = load_trials(storage, "faults.cnn_v1")
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -221,8 +222,8 @@ def test_a_trial_another_worker_already_failed_is_closed_and_the_worker_goes_on(
     other worker set it, the run is closed FAILED saying why, and the worker goes on. The retries
     keep the original trial's parameters and seed."""
     from pipeline import tracking, tune
-    from pipeline.tune.conclude import Outcome, conclude
-    from pipeline.tune.session import RUN_ATTR
+    from pipeline.tune.trial import Outcome, conclude
+    from pipeline.tune.keys import RUN as RUN_ATTR
     from pipeline.tune.trial import run_trial
     from pipeline.tune.workers import admit_trial
 
@@ -255,7 +256,7 @@ def test_a_trial_another_worker_already_failed_is_closed_and_the_worker_goes_on(
     assert run_trial(session, "cnn_v1", retry) == TrialState.FAIL  # no exception: the worker goes on
 
     # 3. ... to the budget: the second retry completes, with trial 0's parameters and seed.
-    assert tune.run_member_study(session, "cnn_v1") == {"COMPLETE": 1, "PRUNED": 0, "FAIL": 0}
+    assert run_search(session) == {"COMPLETE": 1, "PRUNED": 0, "FAIL": 0}
     trials = load_trials(storage, "lost.cnn_v1")
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     assert [RETRY.retried_trial_number(t) for t in trials] == [None, 0, 0]

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from PIL import Image
 from workers import load_trials, tracking_here, write_preset  # noqa: F401 - tracking_here: fixture
 
+from pipeline.tune.workers import run_search
 from pipeline import metric_names as M
 from pipeline.config import Choice, DataConfig, ModelConfig, Range, SearchSpace, TrainConfig
 from pipeline.config.space import default_space
@@ -374,7 +375,7 @@ def test_tune_prunes_a_hopeless_trial(pruner, expected, learnable_data, tmp_path
     for _ in range(2):  # what the pruner compares with
         run_trial(session, "cnn_v1", admit_trial(session, "cnn_v1"))
     study.enqueue_trial({"lr": 1e-7})
-    assert tune.run_member_study(session, "cnn_v1")["PRUNED"] == 1
+    assert run_search(session)["PRUNED"] == 1
     trials = load_trials(storage, "prune.cnn_v1")
     hopeless = trials[2]
     assert trials[0].state == TrialState.COMPLETE and hopeless.params["lr"] == 1e-7

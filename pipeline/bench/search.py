@@ -54,7 +54,7 @@ def run_study(pruner_name: str, trials: int, study_cfg, data: Dataset, data_cfg:
     from optuna.trial import TrialState
 
     from ..tune.pruners import PruningReporter, make_pruner
-    from ..tune.space import trial_configs
+    from ..tune.sampling import trial_configs
 
     study = optuna.create_study(direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=study_cfg.sampler_seed, n_startup_trials=3),

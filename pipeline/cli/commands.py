@@ -114,9 +114,9 @@ def _baseline(preset: Preset, opts: BaselineOptions, progress: bool) -> int:
 
 
 def _tune(preset: Preset, opts: TuneOptions, progress: bool) -> int:
-    from ..tune import run_tuning
+    from ..tune import WorkerOptions, run_tuning
 
-    run_tuning(preset, progress=progress, setup_only=opts.setup_only)
+    run_tuning(preset, WorkerOptions(progress=progress, setup_only=opts.setup_only))
     return 0
 
 

@@ -157,7 +157,7 @@ class StudyConfig:
                                             "for the plan to make one (fewer: the defaults get the time)")
     refit_epochs: int = setting(0, "without a time budget: epochs that continue each member's best configuration "
                                    "(0 = no refit; a time budget has final runs instead)")
-    tail_seconds: float = setting(20.0, "seconds of a time budget kept for the ensemble search and registration, "
+    tail_seconds: float = setting(30.0, "seconds of a time budget kept for the ensemble search and registration, "
                                         "besides the audit's cost (which the plan measures and adds)")
     warm_start: str | None = setting(None, "STUDY[@STORAGE]: first try the best configurations of an earlier "
                                            "study (e.g. a quick one on a sample)")

@@ -18,8 +18,8 @@ from .loop import predict_logits, train_one_epoch
 def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
                   steps: int = 2, batch: int = 32) -> tuple[float, float]:
     """(training images per second, evaluation seconds per image) of this configuration: ``steps``
-    training steps of ``batch`` images after one untimed warm-up step, and an evaluation batch after
-    one untimed (a few seconds in all: the probe's time comes out of the budget it plans; per-image
+    training steps of ``batch`` images after one untimed warm-up step, and the faster of two passes
+    over an evaluation batch (a few seconds in all: the probe's time comes out of the budget it plans; per-image
     speed of these convnets on a CPU barely depends on the batch size)."""
     device = resolve_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
@@ -42,8 +42,14 @@ def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, t
     seconds = train(steps)
     val = on_device(data.validation.images, device)
     n_eval = min(len(val), train_cfg.eval_batch_size)
-    predict_logits(model, val[:8], augment.normalizer, device, precision)
-    t0 = time.perf_counter()
-    predict_logits(model, val[:n_eval], augment.normalizer, device, precision, train_cfg.eval_batch_size)
-    eval_seconds = time.perf_counter() - t0
+
+    def evaluate() -> float:
+        t0 = time.perf_counter()
+        predict_logits(model, val[:n_eval], augment.normalizer, device, precision, train_cfg.eval_batch_size)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    # The first pass at a new batch shape builds its kernels (measured here: 134 images/s cold against
+    # 224 warm for cnn_v1): the faster of two passes is the speed the audit will see.
+    eval_seconds = min(evaluate(), evaluate())
     return steps * batch / seconds, eval_seconds / max(n_eval, 1)

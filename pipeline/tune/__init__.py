@@ -1,19 +1,22 @@
-"""``tune``: the only stage that imports Optuna for member studies.
+"""``tune``: the only stage that imports Optuna for member studies. One session, read top-down:
 
-- ``space``: the preset's search space into one trial's plain configs (``suggest``)
+- ``run``: ``run_tuning``, the session as a list of steps
+- ``session``: what a worker knows of its session (studies, parent run, data, budget, plan), opened once
+- ``keys``: the study/trial attribute names and lock names workers share through the storage
+- ``plan`` and ``budget``: the time budget's arithmetic (pure) and its phases on the clock
+- ``phases``: the plan made and logged, defaults first, final runs or refits
+- ``workers``: admission against the budget, member studies, threads, lost workers
+- ``trial``: one trial as one nested run, and how it ends (told first, then its run closed)
+- ``sampling``: the preset's search space into one trial's plain configs (``suggest``)
 - ``pruners``: pruners by name and the pruning report listener
 - ``storage``: the Optuna storage, its heartbeats and the cross-process lock
-- ``session``: one session (studies, parent run, data) per worker process
-- ``trial``: one trial as one nested run, whatever happens inside
-- ``conclude``: how a trial ends: told first (its heartbeat still beating), then its run closed
-- ``workers``: admission against the budget, member studies, threads, lost workers
 - ``candidates``: the top trials handed to the ensemble stage
-- ``run``: ``run_tuning``, the whole session, and ``summary``, what it prints
+- ``console`` and ``figures``: what the session says while it runs and at its end, and its figures
 """
 
-from .run import TuneSummary, run_tuning
+from .console import TuneSummary
+from .run import WorkerOptions, run_tuning
+from .sampling import suggest
 from .session import Session, TuneError, open_session
-from .space import suggest
-from .workers import run_member_study
 
-__all__ = ["TuneSummary", "run_tuning", "Session", "TuneError", "open_session", "suggest", "run_member_study"]
+__all__ = ["TuneSummary", "WorkerOptions", "run_tuning", "Session", "TuneError", "open_session", "suggest"]

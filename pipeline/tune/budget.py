@@ -19,11 +19,9 @@ from typing import Callable
 import optuna
 
 from ..train import StopTraining
+from .keys import EPOCH_SECONDS
 
 Clock = Callable[[], float]
-EPOCH_SECONDS = "epoch_seconds"  # trial user attribute: wall seconds of each finished epoch (train + evaluation)
-STARTED = "budget_started_at"  # study user attributes: when the session's clock started, and its length
-SECONDS = "budget_seconds"
 
 
 @dataclass(frozen=True)
@@ -136,28 +134,3 @@ def choose_member(stats: list[MemberStats], by_plan: bool = True) -> str | None:
     if not by_plan:
         return open_[0].arch
     return min(open_, key=lambda s: (s.taken / s.cap, stats.index(s))).arch
-
-
-def session_budget(study: optuna.Study, time_budget: str | None, tail_seconds: float,
-                   clock: Clock, started: float | None = None) -> Budget | None:
-    """The session's budget, shared through the storage: the first worker that starts (not
-    ``--setup-only``) records the start and the length on the first member study; every other
-    worker reads them. None: no budget. Call under the session lock."""
-    from ..config import parse_duration
-    from .session import TuneError
-
-    stored = study.user_attrs.get(SECONDS)
-    if time_budget is None and stored is None:
-        return None
-    seconds = parse_duration(time_budget) if time_budget is not None else float(stored)
-    if stored is not None and abs(float(stored) - seconds) > 1e-6:
-        raise TuneError(f"this worker's --time-budget ({_fmt(seconds)}) differs from the session's ({_fmt(stored)}); "
-                        "workers share one budget: leave it out, or start a new --study")
-    stored_start = study.user_attrs.get(STARTED)
-    if stored_start is None:
-        started = clock() if started is None else started
-        study.set_user_attr(STARTED, started)
-        study.set_user_attr(SECONDS, seconds)
-    else:
-        started = stored_start
-    return Budget(float(started), seconds, 0.0, tail_seconds)  # the plan sets final_seconds

@@ -13,14 +13,15 @@ from optuna.trial import TrialState
 from .. import metric_names as M
 from .. import tracking
 from ..ensemble.stage import Candidate
-from .refit import is_refit
-from .session import RUN_ATTR, Session
+from . import keys
+from .keys import is_refit
+from .session import Session
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     """The ``k`` best search trials, and every finished refit (a continued best configuration)."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and not math.isnan(t.value) and t.user_attrs.get(RUN_ATTR)]
+                if t.value is not None and not math.isnan(t.value) and t.user_attrs.get(keys.RUN)]
     search = sorted((t for t in complete if not is_refit(t)), key=lambda t: (-t.value, t.number))[:k]
     return search + [t for t in complete if is_refit(t)]
 
@@ -37,7 +38,7 @@ def load_candidates(session: Session, workdir: Path) -> list[Candidate]:
     candidates = []
     for arch, study in session.studies.items():
         for t in top_trials(study, session.preset.study.top_k):
-            run_id = t.user_attrs[RUN_ATTR]
+            run_id = t.user_attrs[keys.RUN]
             dst = workdir / run_id
             dst.mkdir(parents=True, exist_ok=True)
             npz = tracking.download_artifact(session.client, run_id, M.PREDICTIONS_ARTIFACT, dst)

@@ -1,33 +1,35 @@
-"""The budgeted session's phases around the search: the plan (measured, printed and logged before
-the search), each member's default configuration as its first trial, and the final runs.
+"""The session's phases around the search: the plan (measured, printed and logged before the
+search), each member's default configuration as its first trial, then the final runs or refits.
 
-A final run is a trial of its member study (a nested run tagged ``phase=final``, an ensemble
-candidate) with the member's best search configuration, or its default when there was no search,
-trained from scratch with a schedule that ends at its share of the final phase. It does not count
-against the member's search quota and is never pruned.
+A final run (time budget) is a trial of its member study (a nested run tagged ``phase=final``, an
+ensemble candidate) with the member's best search configuration, or its default when there was no
+search, trained from scratch with a schedule that ends at its share of the final phase. A refit (no
+budget, ``study.refit_epochs``) continues the best search trial's checkpoint. Neither counts against
+the member's search quota, and neither is pruned; each is enqueued once per session.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import replace
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
 
+from .. import metric_names as M
 from .. import tracking
-from ..config import Preset, param_name
+from ..config import Preset, TrainConfig, param_name
 from ..models import arch_args
 from ..progress import say
+from ..train.checkpoint import load_checkpoint
 from ..train.speed import measure_speed
+from . import keys
 from .budget import Budget
 from .plan import Plan, PlanSettings, Speed, make_plan
-from .refit import DONE, FINAL, PHASE, best_search_trial
 from .session import Session
 from .storage import storage_lock
-
-PLAN_ATTR = "plan"  # first member study's user attribute: the session's plan, as a dict
-DEFAULTS_DONE = "defaults_enqueued"  # member study user attribute
 
 
 def default_params(preset: Preset, arch: str) -> dict[str, Any]:
@@ -52,8 +54,8 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
     """The session's plan: made by the first worker (speeds measured here, a few seconds per member)
     and stored on the first member study; every other worker reads it. Call under the session lock.
     Returns (plan, made here)."""
-    first = session.studies[session.preset.study.members[0]]
-    stored = first.user_attrs.get(PLAN_ATTR)
+    first = session.first_study
+    stored = first.user_attrs.get(keys.PLAN)
     if stored:
         return Plan.from_dict(stored), False
     preset, data = session.preset, session.data
@@ -69,7 +71,7 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
     plan = make_plan(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds,
                      len(data.train), len(data.validation), settings,
                      len(session.audit) if session.audit is not None else 0)
-    first.set_user_attr(PLAN_ATTR, plan.to_dict())
+    first.set_user_attr(keys.PLAN, plan.to_dict())
     log_plan(session, plan, speeds)
     return plan, True
 
@@ -90,12 +92,12 @@ def enqueue_defaults(session: Session, plan: Plan) -> None:
     for arch, study in session.studies.items():
         if not plan.configs.get(arch):
             continue
-        with storage_lock(session.storage_url, f"admit:{study.study_name}"):
-            if study.user_attrs.get(DEFAULTS_DONE):
+        with storage_lock(session.storage_url, keys.admit_lock(study.study_name)):
+            if study.user_attrs.get(keys.DEFAULTS_ENQUEUED):
                 continue
-            study.set_user_attr(DEFAULTS_DONE, True)
+            study.set_user_attr(keys.DEFAULTS_ENQUEUED, True)
             if not study.get_trials(deepcopy=False):
-                study.enqueue_trial(default_params(session.preset, arch), user_attrs={"default_config": True})
+                study.enqueue_trial(default_params(session.preset, arch), user_attrs={keys.DEFAULT_CONFIG: True})
 
 
 def enqueue_finals(session: Session, plan: Plan) -> dict[str, str]:
@@ -105,27 +107,28 @@ def enqueue_finals(session: Session, plan: Plan) -> dict[str, str]:
     enqueued = {}
     for arch in sorted(set(plan.final_members), key=plan.final_members.index):
         study = session.studies[arch]
-        with storage_lock(session.storage_url, f"admit:{study.study_name}"):
-            if study.user_attrs.get(DONE):
+        with storage_lock(session.storage_url, keys.admit_lock(study.study_name)):
+            if study.user_attrs.get(keys.FINALS_ENQUEUED):
                 continue
-            study.set_user_attr(DONE, True)
+            study.set_user_attr(keys.FINALS_ENQUEUED, True)
             best = final_choice(study, plan.selection_noise)
             params = best.params if best is not None else default_params(session.preset, arch)
             for _ in range(plan.final_members.count(arch)):
-                study.enqueue_trial(params, user_attrs={PHASE: FINAL, "final_of": best.number if best else -1})
+                study.enqueue_trial(params, user_attrs={keys.PHASE: keys.FINAL,
+                                                        keys.FINAL_OF: best.number if best else -1})
             runs = plan.final_members.count(arch)
             enqueued[arch] = ((f"trial {best.number}'s configuration" if best is not None else
                                "its default configuration") + (f" ({runs} runs, two seeds)" if runs > 1 else ""))
     return enqueued
 
 
-def final_choice(study, noise: float):
+def final_choice(study: optuna.Study, noise: float) -> optuna.trial.FrozenTrial | None:
     """The search trial whose configuration a final run trains: the best one, unless it beat the
     member's default configuration (its first trial) by less than ``noise`` on the selection split,
     where the default is kept (a maximum over noisy scores flatters the winner). None: no search."""
     best = best_search_trial(study)
     default = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.user_attrs.get("default_config") and t.value is not None), None)
+                    if t.user_attrs.get(keys.DEFAULT_CONFIG) and t.value is not None), None)
     if best is None or default is None or best.number == default.number:
         return best
     return best if best.value - default.value >= noise else default
@@ -138,7 +141,7 @@ def search_epochs(plan: Plan, preset: Preset, train_images: int) -> int:
 
 
 def waiting_finals(session: Session) -> int:
-    return sum(t.user_attrs.get(PHASE) == FINAL for study in session.studies.values()
+    return sum(keys.is_final(t) for study in session.studies.values()
                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
@@ -151,3 +154,46 @@ def search_run_fits(plan: Plan, seconds_per_epoch: float | None, epochs: int, no
         return True
     return now + 0.8 * seconds_per_epoch * epochs <= search_end
 
+
+
+def best_search_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The member's best finished search trial with a run (refits and final runs excluded, NaN
+    values skipped; ties to the earlier trial)."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if not keys.is_refit(t) and t.value is not None and not math.isnan(t.value)
+                and t.user_attrs.get(keys.RUN)]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def refit_enabled(session: Session) -> bool:
+    """Without a time budget: refits when ``study.refit_epochs`` asks (a budget has final runs instead)."""
+    return session.budget is None and session.preset.study.refit_epochs > 0
+
+
+def enqueue_refits(session: Session) -> dict[str, int]:
+    """One refit per member study (once per session), continuing its best search trial; returns
+    arch -> the trial it continues."""
+    enqueued = {}
+    for arch, study in session.studies.items():
+        with storage_lock(session.storage_url, keys.admit_lock(study.study_name)):
+            if study.user_attrs.get(keys.FINALS_ENQUEUED):
+                continue
+            best = best_search_trial(study)
+            study.set_user_attr(keys.FINALS_ENQUEUED, True)
+            if best is None:
+                continue
+            study.enqueue_trial(best.params, user_attrs={keys.PHASE: keys.REFIT, keys.REFIT_OF: best.number,
+                                                         keys.REFIT_OF_RUN: best.user_attrs[keys.RUN]})
+            enqueued[arch] = best.number
+    return enqueued
+
+
+def refit_start(session: Session, trial: optuna.Trial, train_cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """(training settings, initial weights) of a refit: the best trial's checkpoint, continued for
+    ``study.refit_epochs`` at the learning rate its plateau schedule would drop to next."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.download_artifact(session.client, trial.user_attrs[keys.REFIT_OF_RUN],
+                                          M.CHECKPOINT_ARTIFACT, tmp)
+        state = load_checkpoint(path)["state_dict"]
+    epochs = session.preset.study.refit_epochs
+    return replace(train_cfg, epochs=epochs, lr=train_cfg.lr * train_cfg.lr_factor), state

@@ -1,20 +1,25 @@
-"""``tune``: member studies, then the ensemble stage, then registration, as one session.
+"""``tune``: one session as a list of steps, each one call with the progress line it prints.
 
-Each member study is an Optuna study whose trials are nested MLflow runs under the session's parent
-run; once every member study holds its budget (in this worker or others), exactly one worker builds
-the ensemble from the top trials' stored probabilities and registers it as ``@challenger``.
+set up (studies, parent run, data) → start the clock (budget and plan) → search the member studies
+→ final runs (or refits) → wait for other workers → ensemble search → audit and registration →
+summary. Each member study is an Optuna study whose trials are nested MLflow runs under the
+session's parent run; once every member study holds its budget (in this worker or others), exactly
+one worker builds the ensemble from the top trials' stored probabilities and registers it as
+``@challenger``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
+from optuna import visualization
 from optuna.trial import TrialState
 
 from .. import metric_names as M
@@ -22,20 +27,19 @@ from .. import tracking
 from ..config import Preset
 from ..data.audit import ids_digest
 from ..ensemble.audit import audit_ensemble
+from ..ensemble.stage import build_ensemble, enough_candidates
 from ..progress import hushed, say
-from ..ensemble.stage import EnsembleResult, build_ensemble, enough_candidates
 from ..registry.register import register_ensemble
 from ..train import resolve_device
-from .budget import Clock, session_budget
+from . import keys
+from .budget import Clock
 from .candidates import candidate_fingerprint, load_candidates
-from .refit import enqueue_refits, refit_enabled
 from .figures import log_session_figures
-from .phases import enqueue_defaults, enqueue_finals, session_plan
-from .reporting import members_phase, phase
-from .session import RUN_ATTR, Session, open_session
+from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
+from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_summary
+from .session import Session, open_session, session_budget
 from .storage import storage_lock
-from .summary import print_summary
-from .trial import quietly
+from .trial import best_effort
 from .workers import budget_state, close_lost_runs, run_members, settle
 
 # We drive trials with ask/tell plus our own heartbeat thread (for exact budgets across workers);
@@ -44,86 +48,127 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-@dataclass
-class TuneSummary:
-    parent_run_id: str
-    members: dict[str, dict[str, Any]]
-    ensemble: EnsembleOutcome | None
-    model_version: str | None
-    seconds: float
-    audit_note: str = ""  # how the audit split was drawn, or that it is off
-    budget_note: str = ""  # how much of the time budget the session used
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How this worker runs the session (what to tune is the preset: study name, storage, model
+    name, ``n_jobs`` and the time budget are ``preset.study`` settings)."""
+
+    experiment: str | None = None  # default: preset.tracking.experiment
+    progress: bool = True  # progress bars on a terminal
+    setup_only: bool = False  # create the storage, studies and parent run, then stop
+    clock: Clock = time.time  # the wall clock of the time budget (a fake in tests)
 
 
-def run_tuning(preset: Preset, experiment: str | None = None, study_name: str | None = None,
-               storage: str | None = None, model_name: str | None = None, n_jobs: int | None = None,
-               progress: bool = True, setup_only: bool = False, clock: Clock = time.time) -> TuneSummary | None:
-    start, entered = time.perf_counter(), clock()  # a budget counts from here, data loading included (as train's)
+def run_tuning(preset: Preset, options: WorkerOptions = WorkerOptions()) -> TuneSummary | None:
+    entered, start = options.clock(), time.perf_counter()  # a budget counts from here, data loading included
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    model_name = model_name or preset.study.model_name
-    n_jobs = n_jobs or preset.study.n_jobs
-    session = open_session(preset, experiment, study_name, storage)
+    session = open_session(preset, options.experiment, clock=options.clock)
     say(f"tuning session {session.study_name}: parent run {session.parent_run_id}, "
         f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
-    if setup_only:
+    if options.setup_only:
         return None
-    session.clock = clock
-    with storage_lock(session.storage_url, f"session:{session.study_name}"):  # the first worker starts the clock
-        s = preset.study
-        session.budget = session_budget(session.studies[s.members[0]], s.time_budget, s.tail_seconds, clock,
-                                        entered)
-        if session.budget is not None:  # the plan: measured and made once, read by every other worker
-            session.plan, made = session_plan(session, session.budget)
-            session.budget = replace(session.budget, final_seconds=session.plan.final_seconds,
-                                     tail_seconds=session.plan.tail_seconds)
-            for line in session.plan.lines() if made else session.plan.lines()[:1]:
-                say(line)
-    try:
-        members_phase(session)
-        if session.plan is not None:
-            enqueue_defaults(session, session.plan)
-        run_members(session, n_jobs, progress)
-        if session.plan is not None:
-            finals = enqueue_finals(session, session.plan)
-            if finals:
-                say("final runs: " + ", ".join(f"{a} with {origin}" for a, origin in finals.items())
-                    + ", each with a schedule ending at its share of the final phase")
-            run_members(session, n_jobs, progress, refit=True)
-        if refit_enabled(session):
-            continued = enqueue_refits(session.studies, session.storage_url)
-            if continued:
-                say("refit: " + ", ".join(f"{a} #{n}" for a, n in continued.items()) + " continue from their best "
-                    "checkpoints" + (" until the refit phase ends" if session.budget else ""))
-            run_members(session, n_jobs, progress, refit=True)
-        while settle(session):  # a lost worker's trial was re-queued meanwhile: run it here
-            run_members(session, n_jobs, progress)
-            run_members(session, n_jobs, progress, refit=True)
-        for arch in preset.study.members:
-            close_lost_runs(session, arch)
+    session = start_clock(session, entered)  # prints the plan of a time budget
+    with parent_closed_on_failure(session):
+        search(session, options.progress)  # [1/3] member studies
+        final_runs(session, options.progress)  # "final runs: ..." or "refit: ..."
+        finish_others_work(session, options.progress)
         members = {arch: member_summary(session, arch) for arch in preset.study.members}
-        with storage_lock(session.storage_url, f"ensemble:{session.study_name}"):
-            log_study_figures(session)
-            phase(2, f"pair, test-time flips, voting rule and weight over the top {preset.study.top_k} trials of "
-                     "each member (calibrated, on their stored selection-split logits), then the audit")
-            with hushed():
-                ensemble, version = ensemble_once(session, model_name)
-            log_session_figures(session)
-        tracking.log_metrics(session.client, session.parent_run_id, {
-            f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
-            if m["best_val_accuracy"] is not None})
-        tracking.end_run(session.client, session.parent_run_id, "FINISHED")
+        ensemble, version = ensemble_and_register(session)  # [2/3] ensemble search, [3/3] registration
+        close_session(session, members)
+    return summarise(session, members, ensemble, version, time.perf_counter() - start)
+
+
+def start_clock(session: Session, entered: float) -> Session:
+    """The session's time budget and plan: the first worker starts the clock and makes the plan
+    (measured speeds, printed and logged); every other worker reads them from the storage."""
+    s = session.preset.study
+    with storage_lock(session.storage_url, keys.session_lock(session.study_name)):
+        budget = session_budget(session.first_study, s.time_budget, s.tail_seconds, session.clock, entered)
+        if budget is None:
+            return session
+        plan, made = session_plan(session, budget)
+    for line in plan.lines() if made else plan.lines()[:1]:
+        say(line)
+    budget = replace(budget, final_seconds=plan.final_seconds, tail_seconds=plan.tail_seconds)
+    return replace(session, budget=budget, plan=plan)
+
+
+@contextlib.contextmanager
+def parent_closed_on_failure(session: Session) -> Iterator[None]:
+    """An interrupted or failed worker closes the parent run (KILLED or FAILED, with why) unless
+    other workers still have trials running, and re-raises."""
+    try:
+        yield
     except KeyboardInterrupt as exc:
         close_parent(session, "KILLED", {"stopped_by": f"interrupt ({exc or 'SIGINT'})"})
         raise
     except BaseException as exc:
         close_parent(session, "FAILED", {"error": session.scrub(f"{type(exc).__name__}: {exc}")[:5000]})
         raise
-    summary = TuneSummary(session.parent_run_id, members, ensemble, version, time.perf_counter() - start,
-                          session.audit_info.describe(),
-                          session.budget.describe_use(clock()) if session.budget else "")
+
+
+def search(session: Session, progress: bool) -> None:
+    """Each member study's search trials (its default configuration first in a time budget)."""
+    members_phase(session)
+    if session.plan is not None:
+        enqueue_defaults(session, session.plan)
+    run_members(session, session.preset.study.n_jobs, progress)
+
+
+def final_runs(session: Session, progress: bool) -> None:
+    """The plan's final runs in a time budget; refits of each member's best trial when asked for."""
+    if session.plan is not None:
+        finals = enqueue_finals(session, session.plan)
+        if finals:
+            say("final runs: " + ", ".join(f"{a} with {origin}" for a, origin in finals.items())
+                + ", each with a schedule ending at its share of the final phase")
+    elif refit_enabled(session):
+        continued = enqueue_refits(session)
+        if continued:
+            say("refit: " + ", ".join(f"{a} #{n}" for a, n in continued.items()) + " continue from their best "
+                "checkpoints")
+    else:
+        return
+    run_members(session, session.preset.study.n_jobs, progress, refit=True)
+
+
+def finish_others_work(session: Session, progress: bool) -> None:
+    """Wait for trials running in other workers; run here what a lost worker left re-queued; close
+    the runs lost workers left open."""
+    while settle(session):
+        run_members(session, session.preset.study.n_jobs, progress)
+        run_members(session, session.preset.study.n_jobs, progress, refit=True)
+    for arch in session.preset.study.members:
+        close_lost_runs(session, arch)
+
+
+def ensemble_and_register(session: Session) -> tuple[EnsembleOutcome | None, str | None]:
+    """One worker at a time: Optuna's figures, then the ensemble built and registered (once per set
+    of candidate trials), then the session's own figures."""
+    with storage_lock(session.storage_url, keys.ensemble_lock(session.study_name)):
+        log_study_figures(session)
+        phase(2, f"pair, test-time flips, voting rule and weight over the top {session.preset.study.top_k} trials "
+                 "of each member (calibrated, on their stored selection-split logits), then the audit")
+        with hushed():
+            outcome = ensemble_once(session, session.preset.study.model_name)
+        log_session_figures(session)
+    return outcome
+
+
+def close_session(session: Session, members: dict[str, dict[str, Any]]) -> None:
+    tracking.log_metrics(session.client, session.parent_run_id, {
+        f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
+        if m["best_val_accuracy"] is not None})
     if session.budget is not None:
         tracking.log_metrics(session.client, session.parent_run_id, {
-            "budget_seconds": session.budget.seconds, "budget_used_seconds": clock() - session.budget.started})
+            "budget_seconds": session.budget.seconds, "budget_used_seconds": session.clock() - session.budget.started})
+    tracking.end_run(session.client, session.parent_run_id, "FINISHED")
+
+
+def summarise(session: Session, members: dict[str, dict[str, Any]], ensemble: EnsembleOutcome | None,
+              version: str | None, seconds: float) -> TuneSummary:
+    summary = TuneSummary(session.parent_run_id, members, ensemble, version, seconds, session.audit_info.describe(),
+                          session.budget.describe_use(session.clock()) if session.budget else "")
     print_summary(summary)
     return summary
 
@@ -135,24 +180,18 @@ def close_parent(session: Session, status: str, tags: dict[str, str]) -> None:
         others, _ = budget_state(session)
     except Exception:  # noqa: BLE001 - the storage itself may be what failed
         others = 0
-    quietly(lambda: tracking.set_tags(session.client, session.parent_run_id, tags))
+    best_effort(lambda: tracking.set_tags(session.client, session.parent_run_id, tags))
     if not others:
-        quietly(lambda: tracking.end_run(session.client, session.parent_run_id, status))
-
-
-@dataclass(frozen=True)
-class EnsembleOutcome:
-    result: EnsembleResult
-    audit: dict[str, float] | None  # None: the audit split is off, every figure is in-sample
+        best_effort(lambda: tracking.end_run(session.client, session.parent_run_id, status))
 
 
 def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | None, str | None]:
     """Build and register the ensemble unless this exact set of candidate trials already was."""
     fingerprint = candidate_fingerprint(session, model_name)
-    first = session.studies[session.preset.study.members[0]]
-    if first.user_attrs.get("ensemble_fingerprint") == fingerprint:
+    first = session.first_study
+    if first.user_attrs.get(keys.ENSEMBLE_FINGERPRINT) == fingerprint:
         print(f"the ensemble of these trials is already registered as {model_name} version "
-              f"{first.user_attrs.get('ensemble_version')}; nothing new to register")
+              f"{first.user_attrs.get(keys.ENSEMBLE_VERSION)}; nothing new to register")
         return None, None
     data, client = session.data, session.client
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,8 +214,8 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | 
             phase(3, f"{result.member_a.label} + {result.member_b.label} as a new version of {model_name}")
             version = register_ensemble(client, result, data.classes, data.validation.images, data.digest,
                                         model_name, audit, session.audit_info.spec, ids_digest(session.audit))
-    first.set_user_attr("ensemble_fingerprint", fingerprint)
-    first.set_user_attr("ensemble_version", version)
+    first.set_user_attr(keys.ENSEMBLE_FINGERPRINT, fingerprint)
+    first.set_user_attr(keys.ENSEMBLE_VERSION, version)
     tracking.log_metrics(client, session.parent_run_id, {
         M.SELECTION_ACCURACY: result.selection_accuracy,
         **({M.AUDIT_ACCURACY: audit[M.AUDIT_ACCURACY]} if audit else {})})
@@ -195,21 +234,21 @@ def member_summary(session: Session, arch: str) -> dict[str, Any]:
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "best_trial": best.number if best else None,
         "best_val_accuracy": best.value if best else None,
-        "best_run_id": best.user_attrs.get(RUN_ATTR) if best else None,
+        "best_run_id": best.user_attrs.get(keys.RUN) if best else None,
         "best_params": best.params if best else {},
     }
 
 
 def log_study_figures(session: Session) -> None:
     """Optuna's own figures (history, importances, intermediate values) into the parent run."""
-    from optuna import visualization as vis
-
     for arch, study in session.studies.items():
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        figures = {"optimization_history": vis.plot_optimization_history,
-                   "intermediate_values": vis.plot_intermediate_values}
+        if not complete:  # a member the plan gave no run: nothing to draw (Optuna would warn)
+            continue
+        figures = {"optimization_history": visualization.plot_optimization_history,
+                   "intermediate_values": visualization.plot_intermediate_values}
         if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
-            figures["param_importances"] = vis.plot_param_importances
+            figures["param_importances"] = visualization.plot_param_importances
         for name, plot in figures.items():
             try:
                 with warnings.catch_warnings():

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -121,3 +122,30 @@ def storage_error(url: str, exc: BaseException) -> str | None:
         first = text.splitlines()[0][:300] if text else type(exc).__name__
         return f"Optuna storage {redact(url)} is not usable: {first}"
     return None
+
+
+class Heartbeat:
+    """Record a trial's heartbeat while it runs (Optuna only does this inside ``study.optimize``)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: int):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the trial goes on
+                pass
+            self.stop.wait(self.interval)
+
+    def __enter__(self) -> "Heartbeat":
+        if heartbeat_enabled(self.storage):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)

@@ -8,9 +8,8 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import ConfigError
+from . import keys
 from .storage import storage_lock
-
-DONE = "warm_started_from"  # member study user attribute: enqueued once per session
 
 
 def parse_spec(spec: str, default_storage: str) -> tuple[str, str]:
@@ -31,20 +30,20 @@ def warm_start(studies: dict[str, optuna.Study], storage_url: str, spec: str, k:
     source, url = parse_spec(spec, storage_url)
     enqueued = {}
     for arch, study in studies.items():
-        with storage_lock(storage_url, f"admit:{study.study_name}"):
-            if study.user_attrs.get(DONE):
+        with storage_lock(storage_url, keys.admit_lock(study.study_name)):
+            if study.user_attrs.get(keys.WARM_STARTED):
                 continue
             try:
                 earlier = optuna.load_study(study_name=f"{source}.{arch}", storage=url)
             except KeyError:
                 print(f"note: warm start: no study {source}.{arch} in that storage; {arch} starts cold")
-                study.set_user_attr(DONE, f"{spec} (none found)")
+                study.set_user_attr(keys.WARM_STARTED, f"{spec} (none found)")
                 continue
             best = best_configurations(earlier, k)
             for t in best:
-                study.enqueue_trial(t.params, user_attrs={"warm_start_from": f"{source}.{arch}#{t.number}"},
+                study.enqueue_trial(t.params, user_attrs={keys.WARM_START_FROM: f"{source}.{arch}#{t.number}"},
                                     skip_if_exists=True)
-            study.set_user_attr(DONE, spec)
+            study.set_user_attr(keys.WARM_STARTED, spec)
             enqueued[arch] = len(best)
     if enqueued:
         print("warm start from " + spec + ": " + ", ".join(f"{a} {n} configuration(s)" for a, n in enqueued.items()))

@@ -3,8 +3,8 @@
 
 There is no scheduler: each worker admits its next trial under the storage lock (count, then ask),
 so together any number of workers run exactly ``study.trials`` finished trials per member. In a
-time budget, a trial is also admitted only while its first epoch fits in the search phase, and the
-member that gets the next trial is the one whose trials have lately bought the most per second.
+time budget, a search trial is also admitted only while most of its run fits in the search phase,
+and the member that gets the next one is the furthest from its plan's quota.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import tracking
+from . import keys
 from .budget import MemberStats, admits, choose_member, epoch_estimates, projected_epoch
+from .keys import FINISHED, is_refit
 from .phases import search_epochs, search_run_fits
-from .refit import is_refit
-from .reporting import trial_finished
-from .session import RUN_ATTR, Session, TuneError, sampler
+from .console import trial_finished
+from .session import Session, TuneError, sampler
 from .storage import heartbeat_enabled, storage_lock
-from .trial import run_trial, session_trial_configs
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+from .trial import run_trial, trial_configs
 
 
 def taken(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -66,7 +65,7 @@ def admit_trial(session: Session, arch: str, refit: bool = False) -> optuna.Tria
     same parameters, finished and running trials are counted, and the next trial is asked (a
     re-queued one first), given its first heartbeat and its parameters."""
     study = session.studies[arch]
-    with storage_lock(session.storage_url, f"admit:{study.study_name}"):
+    with storage_lock(session.storage_url, keys.admit_lock(study.study_name)):
         optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         if refit and not _refit_waiting(trials):
@@ -80,7 +79,7 @@ def admit_trial(session: Session, arch: str, refit: bool = False) -> optuna.Tria
         if heartbeat_enabled(session.storage):
             # A worker killed before its heartbeat thread starts is detected too.
             session.storage.record_heartbeat(trial._trial_id)
-        session_trial_configs(session, arch, trial)
+        trial_configs(session, arch, trial)  # sampled now, under the lock: the next ask sees its parameters
         return trial
 
 
@@ -94,20 +93,20 @@ def close_lost_runs(session: Session, arch: str, now: Callable[[], datetime] = d
     grace = 2 * (session.preset.study.heartbeat_seconds or 0)
     settled = now() - timedelta(seconds=max(60, grace))  # a live worker closes its run within ms
     for t in trials:
-        run_id = t.user_attrs.get(RUN_ATTR)
-        if t.state not in (TrialState.FAIL, *FINISHED) or not run_id or t._trial_id in session.checked:
+        run_id = t.user_attrs.get(keys.RUN)
+        if t.state not in (TrialState.FAIL, *FINISHED) or not run_id or t._trial_id in session.closed_runs:
             continue
-        told_by_its_worker = t.state in FINISHED or bool(t.user_attrs.get("error"))  # not failed by a heartbeat
+        told_by_its_worker = t.state in FINISHED or bool(t.user_attrs.get(keys.ERROR))  # not failed by a heartbeat
         if told_by_its_worker and (t.datetime_complete is None or t.datetime_complete > settled):
             continue  # its worker closes the run right after the tell, perhaps right now
         try:
             if session.client.get_run(run_id).info.status != "RUNNING":
-                session.checked.add(t._trial_id)
+                session.closed_runs.add(t._trial_id)
                 continue
             if t.state == TrialState.FAIL:
                 retries = [r.number for r in trials
-                           if t.number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(r)]
-                recorded = t.user_attrs.get("error")
+                           if t.number in keys.RETRY.retry_history(r)]
+                recorded = t.user_attrs.get(keys.ERROR)
                 why = recorded or (f"worker lost: no heartbeat for more than {grace} s (killed, preempted or "
                                    "disconnected); " + (f"retried as trial {retries[0]} with the same parameters"
                                                         if retries else "not retried (retry limit reached)"))
@@ -119,31 +118,13 @@ def close_lost_runs(session: Session, arch: str, now: Callable[[], datetime] = d
                                                            "closed_by": "another worker: the trial's worker was lost "
                                                                         "after reporting its result"})
                 tracking.end_run(session.client, run_id, "FINISHED" if t.state == TrialState.COMPLETE else "KILLED")
-            session.checked.add(t._trial_id)
+            session.closed_runs.add(t._trial_id)
             closed += 1
         except Exception:  # noqa: BLE001 - best effort; the next check tries again
             pass
     if closed:
         print(f"closed {closed} run(s) of {session.member_study_name(arch)} left open by a lost worker")
     return closed
-
-
-def run_member_study(session: Session, arch: str, progress: bool = False) -> dict[str, int]:
-    """Add trials until the study holds the budget of finished trials. Returns counts by state."""
-    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-    max_failures = max(3, session.preset.study.trials)
-    while not session.stopping.is_set():
-        trial = admit_trial(session, arch)
-        close_lost_runs(session, arch)
-        if trial is None:
-            break
-        state = run_trial(session, arch, trial, progress)
-        trial_finished(session, arch, trial)
-        counts[state.name] += 1
-        if counts["FAIL"] >= max_failures and counts["FAIL"] > counts["COMPLETE"] + counts["PRUNED"]:
-            raise TuneError(f"{session.member_study_name(arch)}: {counts['FAIL']} trials failed in this worker; "
-                            "stopping (see the failed runs' 'error' tag)")
-    return counts
 
 
 def member_stats(session: Session) -> list[MemberStats]:
@@ -231,7 +212,7 @@ def budget_state(session: Session) -> tuple[int, bool]:
     and re-queueing the trials of lost workers."""
     running, open_budget = 0, False
     for arch, study in session.studies.items():
-        with storage_lock(session.storage_url, f"admit:{study.study_name}"):
+        with storage_lock(session.storage_url, keys.admit_lock(study.study_name)):
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
         running += sum(t.state == TrialState.RUNNING for t in trials)
