@@ -113,72 +113,104 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
     run is worth more than the search's best configuration over the default). The tail is
     ``tail_seconds`` for the ensemble search and registration plus the audit of each final run (plain
     and mirrored images) at its measured speed."""
-    members = list(speeds)
+    budgeting = _Budgeting(speeds, budget_seconds, setup_seconds, tail_seconds, train_images, selection_images,
+                           settings, audit_images)
+    reasons = [budgeting.pair_note()]
+    for chosen, final_seconds, label in budgeting.options():
+        refused, rung, configs = budgeting.judge(chosen, final_seconds, label)
+        if refused:
+            reasons.append(refused)
+            continue
+        final_passes = budgeting.passes(final_seconds, chosen)
+        reasons.append(f"chose {label}: " + ", ".join(f"{a} ~{p:.1f} passes" for a, p in final_passes.items()))
+        usable = budgeting.usable(chosen)
+        return Plan(budget_seconds, setup_seconds, budgeting.tail(chosen), usable - final_seconds, final_seconds,
+                    chosen, float(rung), configs, final_passes, budgeting.noise, tuple(reasons))
+    raise AssertionError("the last option always applies")
 
-    def tail(chosen: tuple[str, ...]) -> float:
-        return tail_seconds + 2 * audit_images * sum(speeds[a].eval_seconds_per_image for a in chosen)
 
-    def usable_for(chosen: tuple[str, ...]) -> float:
-        return max(0.0, budget_seconds - setup_seconds - tail(chosen))
+@dataclass(frozen=True)
+class _Budgeting:
+    """``make_plan``'s inputs and the arithmetic each option is judged by."""
 
-    noise = math.sqrt(0.75 * 0.25 / max(1, selection_images))
+    speeds: dict[str, Speed]
+    budget_seconds: float
+    setup_seconds: float
+    tail_seconds: float
+    train_images: int
+    selection_images: int
+    settings: PlanSettings
+    audit_images: int
 
-    def passes(seconds: float, chosen: tuple[str, ...]) -> dict[str, float]:
+    @property
+    def members(self) -> list[str]:
+        return list(self.speeds)
+
+    @property
+    def noise(self) -> float:
+        """One standard error of an accuracy near 75 % on the selection split."""
+        return math.sqrt(0.75 * 0.25 / max(1, self.selection_images))
+
+    def tail(self, chosen: tuple[str, ...]) -> float:
+        return self.tail_seconds + 2 * self.audit_images * sum(self.speeds[a].eval_seconds_per_image for a in chosen)
+
+    def usable(self, chosen: tuple[str, ...]) -> float:
+        return max(0.0, self.budget_seconds - self.setup_seconds - self.tail(chosen))
+
+    def passes(self, seconds: float, chosen: tuple[str, ...]) -> dict[str, float]:
         share = seconds / len(chosen)
-        return {a: passes_in(share, speeds[a], train_images, selection_images) for a in chosen}
+        return {a: passes_in(share, self.speeds[a], self.train_images, self.selection_images) for a in chosen}
 
-    def pair(share: float) -> tuple[tuple[str, ...], float] | None:
+    def pair(self, share: float) -> tuple[tuple[str, ...], float] | None:
         """The pair whose runs each get their passes from ``share`` of the usable time, and that time."""
+        members = self.members
         for chosen in ((members[0], members[1]) if len(members) > 1 else None, (members[0], members[0])):
-            if chosen and min(passes(share * usable_for(chosen), chosen).values()) >= settings.pair_min_passes:
-                return chosen, share * usable_for(chosen)
+            seconds = share * self.usable(chosen) if chosen else 0.0
+            if chosen and min(self.passes(seconds, chosen).values()) >= self.settings.pair_min_passes:
+                return chosen, seconds
         return None
 
-    def search(final_seconds: float, chosen: tuple[str, ...]) -> tuple[float, dict[str, int]]:
+    def options(self) -> list[tuple[tuple[str, ...], float, str]]:
+        """(final members, final seconds, label) in order of preference."""
+        found = [(*pair, label) for share, label in ((self.settings.final_fraction, "a pair after a search"),
+                                                     (1.0, "a pair with the whole time"))
+                 if (pair := self.pair(share))]
+        alone = (self.members[0],)
+        return found + [(alone, self.settings.final_fraction * self.usable(alone), "one member after a search"),
+                        (alone, self.usable(alone), "one member with the whole time")]
+
+    def pair_note(self) -> str:
+        everyone = tuple(self.members)
+        bought = self.passes(self.usable(everyone), everyone).values()
+        return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; the whole time split between "
+                + " and ".join(self.members) + " buys " + " and ".join(f"{p:.1f}" for p in bought))
+
+    def search(self, final_seconds: float, chosen: tuple[str, ...]) -> tuple[float, dict[str, int]]:
         """(rung passes, configurations per member) of a search in what the final runs leave."""
-        rung = max(settings.min_rung_passes, math.ceil(settings.rung_fraction * min(passes(final_seconds,
-                                                                                           chosen).values())))
-        searching = sorted(set(chosen), key=members.index)
-        configs = {a: 0 for a in members}
+        shortest = min(self.passes(final_seconds, chosen).values())
+        rung = max(self.settings.min_rung_passes, math.ceil(self.settings.rung_fraction * shortest))
+        searching = sorted(set(chosen), key=self.members.index)
+        configs = {a: 0 for a in self.members}
         for arch in searching:
-            one = rung * pass_seconds(speeds[arch], train_images) + run_overhead(speeds[arch], selection_images)
-            configs[arch] = int((usable_for(chosen) - final_seconds) / len(searching) // one)
+            one = (rung * pass_seconds(self.speeds[arch], self.train_images)
+                   + run_overhead(self.speeds[arch], self.selection_images))
+            configs[arch] = int((self.usable(chosen) - final_seconds) / len(searching) // one)
         return rung, configs
 
-    def affordable(configs: dict[str, int], chosen: tuple[str, ...]) -> bool:
-        return all(configs[a] >= settings.min_configs for a in set(chosen))
-
-    options = []
-    for share, label in ((settings.final_fraction, "a pair after a search"), (1.0, "a pair with the whole time")):
-        found = pair(share)
-        if found:
-            options.append((*found, label))
-    alone = (members[0],)
-    options += [(alone, settings.final_fraction * usable_for(alone), "one member after a search"),
-                (alone, usable_for(alone), "one member with the whole time")]
-    everyone = tuple(members)
-    reasons = [f"a pair needs {settings.pair_min_passes:g} passes per final run; the whole time split between "
-               + " and ".join(members) + " buys " + " and ".join(f"{p:.1f}" for p in
-                                                                  passes(usable_for(everyone), everyone).values())]
-    for chosen, final_seconds, label in options:
-        usable = usable_for(chosen)
-        if final_seconds < usable:
-            short = min(passes(final_seconds, chosen).values())
-            if short < settings.final_min_passes:
-                reasons.append(f"not {label}: its final runs would get {short:.1f} passes, under the "
-                               f"{settings.final_min_passes:g} below which more passes beat a search")
-                continue
-            rung, configs = search(final_seconds, chosen)
-            if not affordable(configs, chosen):
-                reasons.append(f"not {label}: {rung:g}-pass search runs leave room for "
-                               + ", ".join(f"{a} {configs[a]}" for a in sorted(set(chosen), key=members.index))
-                               + f" configurations, under the {settings.min_configs} a search needs to beat its "
-                                 "default")
-                continue
-        else:
-            rung, configs = 0.0, {a: 0 for a in members}
-        reasons.append(f"chose {label}: " + ", ".join(f"{a} ~{p:.1f} passes" for a, p in
-                                                       passes(final_seconds, chosen).items()))
-        return Plan(budget_seconds, setup_seconds, tail(chosen), usable - final_seconds, final_seconds, chosen,
-                    float(rung), configs, passes(final_seconds, chosen), noise, tuple(reasons))
-    raise AssertionError("the last option always applies")
+    def judge(self, chosen: tuple[str, ...], final_seconds: float,
+              label: str) -> tuple[str | None, float, dict[str, int]]:
+        """(why the option is refused or None, rung passes, configurations per member)."""
+        if final_seconds >= self.usable(chosen):
+            return None, 0.0, {a: 0 for a in self.members}
+        short = min(self.passes(final_seconds, chosen).values())
+        if short < self.settings.final_min_passes:
+            return (f"not {label}: its final runs would get {short:.1f} passes, under the "
+                    f"{self.settings.final_min_passes:g} below which more passes beat a search"), 0.0, {}
+        rung, configs = self.search(final_seconds, chosen)
+        searching = sorted(set(chosen), key=self.members.index)
+        if any(configs[a] < self.settings.min_configs for a in searching):
+            return (f"not {label}: {rung:g}-pass search runs leave room for "
+                    + ", ".join(f"{a} {configs[a]}" for a in searching)
+                    + f" configurations, under the {self.settings.min_configs} a search needs to beat its default"
+                    ), rung, configs
+        return None, rung, configs
