@@ -40,7 +40,7 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m pipeline bench $(BENCH_ARGS)
 
-# MLproject is generated from the command table (pipeline/cli/commands.py); a test checks it is current.
+# MLproject is generated from the command table (pipeline/cli/command_table.py); a test checks it is current.
 mlproject: $(STAMP)
 	$(PY) -m pipeline.cli.mlproject > MLproject
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import PROJECT_DIR
 
 from pipeline.cli import build_parser
-from pipeline.cli.commands import COMMANDS
+from pipeline.cli.command_table import COMMANDS
 from pipeline.cli.flags import Flag
 from pipeline.cli.mlproject import entry_points, render
 from pipeline.config import ConfigError, load_preset
@@ -23,7 +23,7 @@ from pipeline.ensemble.rules import RULES, combine
 PACKAGE = PROJECT_DIR / "pipeline"
 
 # Data flow, in import order: a module may import its own stage and the stages before it.
-STAGES = ["config", "data", "models", "train", "tracking", "ensemble", "registry", "tune", "commands", "bench", "cli"]
+STAGES = ["config", "data", "models", "train", "tracking", "ensemble", "registry", "tune", "bench", "commands", "cli"]
 LEAVES = {"pipeline.metric_names", "pipeline.interrupt", "pipeline.faults", "pipeline.rng", "pipeline.ensemble.rules",
           "pipeline.ensemble"}  # import nothing of the package (the ensemble package's __init__ neither): free to import
 NO_TRACKING_OR_SEARCH = ("pipeline.config", "pipeline.data", "pipeline.models", "pipeline.train")

@@ -14,7 +14,7 @@ from conftest import read_csv_rows, write_csv
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError
-from pipeline.commands.predict import ModelLoadError, write_csv_atomic, write_submission
+from pipeline.commands.predict_command import ModelLoadError, write_csv_atomic, write_submission
 
 CHALLENGER_URI = "models:/deepfake-ensemble@challenger"
 

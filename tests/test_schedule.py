@@ -131,7 +131,7 @@ def test_train_uses_its_budget_without_going_over(tmp_path, tracking_here):
     uses nearly all of it (a clock that moves 0.2 s at every reading)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.commands.train import run_training
+    from pipeline.commands.train_command import run_training
 
     root = make_competition_dataset(tmp_path / "d", size=16, counts={"train": 4, "validation": 6}, test_count=10,
                                     test_labels=True)  # a labelled test split: the audit the deadline leaves time for

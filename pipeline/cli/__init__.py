@@ -1,5 +1,5 @@
 """Argument parsing only: each command maps its flags onto the preset and its options, then makes
-one library call (``commands.COMMANDS``). Flags are derived from the declared settings (``flags``)."""
+one call into ``pipeline/commands/`` (``command_table.COMMANDS``). Flags are derived from the declared settings (``flags``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from ..config import ConfigError
 from ..interrupt import install_sigterm
 from ..progress import configure as configure_progress
-from .commands import COMMANDS, Command, build_options, build_preset
+from .command_table import COMMANDS, Command, build_options, build_preset
 from .errors import one_line, user_error
 from .flags import add_flags, given
 

@@ -16,6 +16,7 @@ from ..models import model_kwargs
 from ..progress import EpochLines, say
 from ..train import Deadline, build_and_fit, resolve_device
 from ..train.schedule import Clock
+from .options import TrainOptions
 
 # Seconds of a time budget kept after the audit for writing the run's artifacts (checkpoint, figures).
 LOG_SECONDS = 5.0
@@ -90,3 +91,10 @@ def audit_accuracy(result, preset: Preset, audit, device) -> dict[str, float]:
     low, high = wilson(correct, len(audit))
     return {M.AUDIT_ACCURACY: correct / len(audit), f"{M.AUDIT_ACCURACY}_low": low,
             f"{M.AUDIT_ACCURACY}_high": high, M.AUDIT_IMAGES: float(len(audit))}
+
+
+def main(preset: Preset, opts: TrainOptions, progress: bool) -> int:
+    outcome = run_training(preset, preset.tracking.experiment, opts.run_name, progress=progress)
+    print(f"run {outcome.run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in outcome.summary.items()
+                                                if not k.startswith("val_recall")))
+    return 0

@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import DataConfig
+from .. import tracking
+from ..config import DataConfig, Preset
 from ..data.layout import index_dataset
 from ..progress import say
+from .options import PredictOptions
 from ..registry.inference import (ModelLoadError, load_model, predict_images, probability_columns,  # noqa: F401
                                   read_images, select_split)
 
@@ -100,3 +102,13 @@ def write_submission(data_cfg: DataConfig, uri: str, out: str | os.PathLike, spl
     accuracy = float((labels == np.asarray(entry.labels)).mean()) if entry.labels is not None else None
     return Submission(out, uri, split, len(rows), probabilities, read_done - start, load_done - read_done,
                       predict_done - load_done, time.perf_counter() - start, accuracy)
+
+
+def main(preset: Preset, opts: PredictOptions, progress: bool) -> int:
+    uri = opts.model_uri or f"models:/{preset.study.model_name}@champion"
+    if uri.startswith(("models:/", "runs:/")):  # a model in the tracking store (else a local path): checked first
+        tracking.check_tracking(tracking.client())
+    result = write_submission(preset.data, uri, opts.out, split=opts.split, probabilities=opts.probabilities,
+                              batch_size=opts.batch_size, progress=progress, device=preset.train.device)
+    print(result.describe())
+    return 0

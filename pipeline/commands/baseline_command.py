@@ -21,7 +21,8 @@ from .. import metric_names as M
 from .. import tracking
 from ..config import Preset, flat_params
 from ..data import load_dataset
-from .train import TrainOutcome
+from .options import BaselineOptions
+from .train_command import TrainOutcome
 
 
 def flatten(images: torch.Tensor, pixels: int | None) -> np.ndarray:
@@ -71,3 +72,10 @@ def run_baseline(preset: Preset, experiment: str, c: float | None = None, pixels
                    **tracking.per_class_metrics(report, data.classes)}
         tracking.log_metrics(client, run_id, summary, step=1)
     return TrainOutcome(run_id, summary)
+
+
+def main(preset: Preset, opts: BaselineOptions, progress: bool) -> int:
+    outcome = run_baseline(preset, preset.tracking.experiment, c=opts.svm_c, pixels=opts.pixels,
+                           max_train=opts.max_train)
+    print(f"run {outcome.run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in outcome.summary.items()))
+    return 0
