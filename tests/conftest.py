@@ -21,6 +21,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+# The session fixtures (tracking_here, small_data, mlflow_template...) live in workers.py with the helpers
+# that use them; as a plugin they reach every test without an import.
+pytest_plugins = ["workers"]
+
 TINY_CLASSES = 5
 TINY_SIZE = 16
 TINY_COUNTS = {"train": 3, "validation": 1}  # images per class

@@ -14,7 +14,6 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from workers import tracking_here  # noqa: F401 - fixture
 from pipeline.bench import OPTIONAL_SECTIONS, SECTIONS, run_bench
 from pipeline.config import load_preset
 from pipeline.data.augment import BatchGeometric

@@ -16,7 +16,7 @@ from pipeline.tune.budget import (Budget, EpochBudget, MemberStats, admits, choo
 from pipeline.tune.keys import EPOCH_SECONDS
 from pipeline.tune.session import TuneError, session_budget
 from pipeline.tune.warm_start import warm_start
-from workers import FakeClock, tracking_here  # noqa: F401 - fixture
+from workers import FakeClock
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 

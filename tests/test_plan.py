@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from workers import FakeClock, tracking_here  # noqa: F401 - fixture
+from workers import FakeClock
 
 from pipeline.tune.phases import final_choice
 from pipeline.tune.plan import Plan, PlanSettings, Speed, make_plan

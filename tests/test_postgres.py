@@ -16,8 +16,7 @@ import pytest
 from conftest import cli_env
 from mlflow.tracking import MlflowClient
 from pg import missing_binaries, mlflow_server, postgres_server
-from workers import (THREADS, assert_one_session, finish, load_trials, session_runs, small_data,  # noqa: F401
-                     start_worker, tracking_here, tune_args, write_preset)
+from workers import THREADS, assert_one_session, finish, load_trials, session_runs, start_worker, tune_args, write_preset
 
 pytestmark = [pytest.mark.postgres, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 

@@ -20,8 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from conftest import seed_store
-from workers import (assert_one_session, finish, load_trials, mid_trial, session_runs, small_data,  # noqa: F401
-                     start_worker, tracking_here, tune_args, wait_for, write_preset)
+from workers import (assert_one_session, finish, load_trials, mid_trial, session_runs, start_worker, tune_args,
+                     wait_for, write_preset)
 
 from pipeline.tune.workers import run_search
 from pipeline import metric_names as M

@@ -15,7 +15,7 @@ from pipeline.data import load_dataset
 from pipeline.models import build_model
 from pipeline.train import Deadline, fit, lr_factor
 from pipeline.train.schedule import RunLength
-from workers import FakeClock, tracking_here  # noqa: F401 - fixture
+from workers import FakeClock
 
 
 def test_linear_and_cosine_warm_up_then_reach_zero_at_the_end():

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_learnable, seed_store
-from workers import tracking_here  # noqa: F401 - fixture
 
 from pipeline import metric_names as M
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint

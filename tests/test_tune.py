@@ -20,7 +20,7 @@ from conftest import make_learnable
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from PIL import Image
-from workers import load_trials, tracking_here, write_preset  # noqa: F401 - tracking_here: fixture
+from workers import load_trials, write_preset
 
 from pipeline.tune.workers import run_search
 from pipeline import metric_names as M
