@@ -23,7 +23,7 @@ from conftest import seed_store
 from workers import (assert_one_session, finish, load_trials, mid_trial, session_runs, small_data,  # noqa: F401
                      start_worker, tracking_here, tune_args, wait_for, write_preset)
 
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.train.checkpoint import load_checkpoint
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback

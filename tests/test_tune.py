@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from PIL import Image
 from workers import load_trials, tracking_here, write_preset  # noqa: F401 - tracking_here: fixture
 
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.config import Choice, DataConfig, ModelConfig, Range, SearchSpace, TrainConfig
 from pipeline.config.space import default_space
 from pipeline.ensemble.rules import RULES

@@ -63,7 +63,7 @@ def refit_start(session, trial: optuna.Trial, train_cfg):
     import tempfile
     from dataclasses import replace
 
-    from .. import metric_names as M
+    from .. import metrics as M
     from .. import tracking
     from ..train.checkpoint import load_checkpoint
 

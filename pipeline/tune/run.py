@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..config import Preset
 from ..data.audit import ids_digest

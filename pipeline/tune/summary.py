@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlflow
 
-from .. import metric_names as M
+from .. import metrics as M
 from ..tracking import redact
 from ..tracking.links import format_links, session_links
 
