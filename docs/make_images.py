@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own downloads below
 sys.path.insert(0, str(ROOT))
 
-from pipeline import metric_names as M  # noqa: E402
+from pipeline import metrics as M  # noqa: E402
 from pipeline.config import load_preset  # noqa: E402
 from pipeline.tracking import links  # noqa: E402
 

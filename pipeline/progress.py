@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable
 
-from . import metric_names as M
+from . import metrics as M
 
 BARS, LINES, QUIET = "bars", "lines", "quiet"
 LINE_EVERY_SECONDS = 10.0  # a loop over images says where it is at most this often (lines mode)

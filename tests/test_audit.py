@@ -16,13 +16,13 @@ from conftest import make_competition_dataset, read_csv_rows, write_csv
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.config import DataConfig, load_preset
 from pipeline.data import DataError, load_dataset
 from pipeline.data.audit import partition
 from pipeline.ensemble.calibration import calibrated, fit_temperature, log_softmax
-from pipeline.ensemble.scores import ece, mcnemar, nll
 from pipeline.ensemble.search import calibrate, search
+from pipeline.metrics import ece, mcnemar, nll
 from pipeline.registry.promote import KEPT, PROMOTED, decide
 from pipeline.registry.scoring import Score, Scored
 

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
-from pipeline.ensemble.scores import bootstrap, ece, macro_f1, mcnemar, nll, wilson
+from pipeline.metrics import VAL_MACRO_F1, bootstrap, ece, macro_f1, mcnemar, nll, wilson
 
 
 def test_wilson_interval_known_values():
@@ -33,6 +33,33 @@ def test_macro_f1_matches_scikit_learn_with_a_class_never_predicted():
     expected = f1_score(labels, predicted, average="macro", labels=list(range(5)), zero_division=0)
     assert macro_f1(probs, labels) == pytest.approx(expected, abs=1e-12)
     assert macro_f1(probs, labels) < f1_score(labels, predicted, average="macro", labels=[0, 1, 2, 3])
+
+
+def test_a_runs_macro_f1_is_the_one_macro_f1_and_its_per_class_rows_stay_scikit_learns():
+    """val_macro_f1 (metrics.macro_f1, as the audit and promotion report it) and the per-class F1 and recall
+    of a training run, against scikit-learn, with a class never predicted."""
+    from sklearn.metrics import recall_score
+
+    from pipeline.tracking import classification_outputs, per_class_metrics
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 5, 150)
+    predicted = np.where(rng.random(150) < 0.6, labels, rng.integers(0, 5, 150))
+    predicted[predicted == 3] = 1  # class 3 is never predicted
+    probs = np.eye(5)[predicted] * 0.9 + 0.02
+    classes = ("a", "b", "c", "d", "e")
+    _, report = classification_outputs(labels, probs, classes)
+    figures = per_class_metrics(report, classes)
+    everything = {"labels": list(range(5)), "zero_division": 0}
+    assert figures[VAL_MACRO_F1] == pytest.approx(f1_score(labels, predicted, average="macro", **everything),
+                                                  abs=1e-12)
+    assert figures[VAL_MACRO_F1] == macro_f1(probs, labels)  # the very number the audit and promotion report
+    f1s = f1_score(labels, predicted, average=None, **everything)
+    recalls = recall_score(labels, predicted, average=None, **everything)
+    for c, name in enumerate(classes):
+        assert figures[f"val_f1_class_{name}"] == pytest.approx(f1s[c], abs=1e-12)
+        assert figures[f"val_recall_class_{name}"] == pytest.approx(recalls[c], abs=1e-12)
+    assert figures["val_f1_class_d"] == 0.0
 
 
 def test_ece_on_a_hand_built_two_bin_example():

@@ -24,7 +24,7 @@ PACKAGE = PROJECT_DIR / "pipeline"
 
 # Data flow, in import order: a module may import its own stage and the stages before it.
 STAGES = ["config", "data", "models", "train", "tracking", "ensemble", "registry", "tune", "bench", "commands", "cli"]
-LEAVES = {"pipeline.metric_names", "pipeline.interrupt", "pipeline.faults", "pipeline.rng", "pipeline.ensemble.rules",
+LEAVES = {"pipeline.metrics", "pipeline.interrupt", "pipeline.faults", "pipeline.rng", "pipeline.ensemble.rules",
           "pipeline.ensemble"}  # import nothing of the package (the ensemble package's __init__ neither): free to import
 NO_TRACKING_OR_SEARCH = ("pipeline.config", "pipeline.data", "pipeline.models", "pipeline.train")
 
@@ -286,10 +286,19 @@ def test_config_validates_against_the_rule_table(tmp_path):
 def test_named_choices_match_their_implementations():
     from pipeline.data.augment import POLICIES
     from pipeline.data.synth import PRESETS
-    from pipeline.tune.pruners import PRUNERS as FACTORIES
 
     assert tuple(POLICIES) == AUGMENT_POLICIES and tuple(PRESETS) == SYNTH_PRESETS
-    assert tuple(FACTORIES) == PRUNERS
+
+
+def test_the_pruner_tables_name_the_same_pruners_and_every_preset_uses_one_of_them():
+    """config.PRUNERS (name -> what it does, validated without optuna) and tune's FACTORIES (name -> factory)."""
+    from pipeline.tune.pruners import FACTORIES
+
+    assert tuple(FACTORIES) == tuple(PRUNERS)
+    assert all(isinstance(what, str) and what for what in PRUNERS.values())
+    used = {path.name: (yaml.safe_load(path.read_text()).get("study") or {}).get("pruner")
+            for path in sorted((PROJECT_DIR / "experiments").glob("*.yaml"))}
+    assert used and {name for name in used.values() if name is not None} <= set(PRUNERS), used
 
 
 def test_a_new_search_key_is_one_preset_line(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline import progress
 from pipeline.tracking import links
 

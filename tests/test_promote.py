@@ -28,7 +28,7 @@ import torch
 from conftest import read_csv_rows, write_csv
 from mlflow.tracking import MlflowClient
 
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.config import DataConfig
 from pipeline.data import DataError
 from pipeline.registry.promote import ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, decide, promote

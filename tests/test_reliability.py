@@ -24,7 +24,7 @@ from workers import (assert_one_session, finish, load_trials, mid_trial, session
                      wait_for, write_preset)
 
 from pipeline.tune.workers import run_search
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.train.checkpoint import load_checkpoint
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback

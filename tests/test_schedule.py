@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from conftest import make_competition_dataset, make_learnable
 
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, load_preset
 from pipeline.data import load_dataset
 from pipeline.models import build_model

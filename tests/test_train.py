@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_learnable, seed_store
 
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data import load_dataset

@@ -23,7 +23,7 @@ from PIL import Image
 from workers import load_trials, write_preset
 
 from pipeline.tune.workers import run_search
-from pipeline import metric_names as M
+from pipeline import metrics as M
 from pipeline.config import Choice, DataConfig, ModelConfig, Range, SearchSpace, TrainConfig
 from pipeline.config.space import default_space
 from pipeline.ensemble.rules import RULES

@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from .. import metric_names as M
+from .. import metrics as M
 from ..config import DataConfig, ModelConfig, TrainConfig, load_preset
 from ..data import Dataset, load_dataset
 from ..train import build_and_fit

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import metric_names as M
+from .. import metrics as M
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data import Dataset, Normalizer
 from ..models import build_model

@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from torchvision.transforms.v2 import functional as F
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..config import Preset, flat_params
 from ..data import load_dataset

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..config import Preset, flat_params, override, parse_duration
 from ..data import load_dataset
@@ -78,7 +78,7 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
 def audit_accuracy(result, preset: Preset, audit, device) -> dict[str, float]:
     """The best epoch's accuracy on the audit images, which neither the epoch choice nor early stopping read."""
     from ..data import Normalizer
-    from ..ensemble.scores import wilson
+    from ..metrics import wilson
     from ..models import build_model
     from ..train import predict_probs
 

@@ -23,7 +23,14 @@ NORMALIZATIONS = ("imagenet", "half")
 AUGMENT_POLICIES = ("none", "geometric", "color", "shift")  # implemented in data/augment.py (a test ties the two)
 SYNTH_PRESETS = ("tiny", "demo", "full")  # implemented in data/synth.py
 SCHEDULES = ("linear", "cosine", "plateau")  # train/schedule.py: DECAYS holds the decaying ones
-PRUNERS = ("median", "hyperband", "asha", "none", "always")  # implemented in tune/pruners.py; always: tests only
+# Pruners by name (study.pruner validates against it); tune/pruners.py FACTORIES builds each (a test ties the two).
+PRUNERS: dict[str, str] = {
+    "median": "stops a trial below the median of earlier trials at the same epoch (after 2 finished and the warm-up)",
+    "hyperband": "Hyperband: successive halving over several brackets, from the warm-up to the last epoch",
+    "asha": "asynchronous successive halving: rungs at warm-up x 3^k epochs, the best third goes on",
+    "none": "never prunes: every trial runs to its end",
+    "always": "tests only: prunes every trial at its first report once the study has a complete trial",
+}
 ENSEMBLE_METHODS = (*RULES, "best")  # best: every rule is searched, the selection winner kept
 
 
@@ -127,7 +134,7 @@ class TrainConfig:
 class StudyConfig:
     members: tuple[str, ...] = setting(("cnn_v1", "cnn_v2"), "member architectures, comma-separated")
     trials: int = setting(10, "finished (complete + pruned) trials per member study")
-    pruner: str = setting("median", "pruner of the member studies", choices=PRUNERS)
+    pruner: str = setting("median", "pruner of the member studies", choices=tuple(PRUNERS))
     pruner_warmup_epochs: int = setting(2, "epochs before a trial may be pruned")
     sampler_seed: int = setting(0, "seed of the TPE samplers")
     top_k: int = setting(3, "best trials per member that enter the ensemble search")

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..config import EVAL_BATCH
+from ..metrics import accuracy, bootstrap, ece, macro_f1, nll, wilson
 from .calibration import calibrated
 from .figures import reliability_figure
 from .pyfunc import Member
 from .rules import combine
-from .scores import accuracy, bootstrap, ece, macro_f1, nll, wilson
 from .stage import EnsembleResult
 
 
@@ -46,7 +46,7 @@ def audit_probs(result: EnsembleResult, images: torch.Tensor, device: torch.devi
 
 def audit_figures(probs: np.ndarray, uncalibrated: np.ndarray, alone: list[np.ndarray],
                   labels: np.ndarray) -> dict[str, float]:
-    """Every audit figure, named once (metric_names), with 95 % intervals and the count."""
+    """Every audit figure, named once (metrics), with 95 % intervals and the count."""
     correct = int((probs.argmax(1) == labels).sum())
     low, high = wilson(correct, len(labels))
     out = {M.AUDIT_IMAGES: float(len(labels)), M.AUDIT_ACCURACY: correct / len(labels),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..metrics import accuracy, nll, reliability
 from .rules import combine
-from .scores import accuracy, nll, reliability
 from .search import weight_grid
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import optuna
 
+from ..metrics import accuracy, nll
 from .calibration import VARIANTS, calibrated, fit_temperature, variant_logprobs
 from .rules import combine
-from .scores import accuracy, nll
 
 
 class EnsembleError(RuntimeError):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..config import StudyConfig
 from .calibration import calibrated, variant_logprobs

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import mlflow
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from .register import CHALLENGER, CHAMPION
 from .scoring import PromotionError, Scored, ScoringSet, audit_spec_of, check_comparable, score_version, scoring_set
@@ -120,7 +120,7 @@ def current_aliases(client, model_name: str) -> tuple[str, str | None]:
 def decide(challenger: Scored, champion: Scored | None, min_gain: float, alpha: float,
            force: bool) -> tuple[str, str, Evidence | None]:
     """(outcome, reason, evidence). Both were scored on the same images, so the comparison is paired."""
-    from ..ensemble.scores import mcnemar
+    from ..metrics import mcnemar
 
     if champion is None:
         return PROMOTED, "no champion yet", None

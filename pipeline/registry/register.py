@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..ensemble.pyfunc import pip_requirements, signature, write_spec
 from ..ensemble.stage import EnsembleResult

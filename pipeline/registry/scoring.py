@@ -48,7 +48,7 @@ class Score:
 
     @property
     def interval(self) -> tuple[float, float]:
-        from ..ensemble.scores import wilson
+        from ..metrics import wilson
 
         return wilson(self.right, self.images)
 
@@ -117,7 +117,7 @@ def _audit_config(cfg: DataConfig, spec: str | None) -> DataConfig:
 
 def score_version(model_name: str, version: str, blobs: list[bytes], labels: np.ndarray, num_classes: int,
                   batch_size: int = 256, device: str | None = None, progress: bool = False) -> Scored:
-    from ..ensemble.scores import macro_f1
+    from ..metrics import macro_f1
     from .inference import load_model, predict_images
 
     model = load_model(f"models:/{model_name}/{version}", device)

@@ -18,7 +18,7 @@ import os
 import sys
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from .. import metric_names as M
+from .. import metrics as M
 from .client import PARENT_TAG
 
 UI_ENV = "MLFLOW_UI_URL"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import metric_names as M
+from .. import metrics as M
 from ..config import DataConfig, TrainConfig
 from ..data import BatchAugmenter, Dataset
 from ..rng import RunRandom, seeded_dropout

@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..ensemble.stage import Candidate
 from . import keys

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from dataclasses import dataclass
 from typing import Any
 
-from .. import metric_names as M
+from .. import metrics as M
 from ..ensemble.stage import EnsembleResult
 from ..progress import duration, pct, say
 from ..tracking import redact

@@ -20,7 +20,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..progress import say
 from .session import Session

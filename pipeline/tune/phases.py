@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..config import Preset, TrainConfig, param_name
 from ..models import arch_args

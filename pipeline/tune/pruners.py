@@ -7,7 +7,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from .. import metric_names as M
+from .. import metrics as M
 
 
 class AlwaysPruner(optuna.pruners.BasePruner):
@@ -18,21 +18,25 @@ class AlwaysPruner(optuna.pruners.BasePruner):
         return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-# name -> factory(warm-up epochs, max epochs); config.PRUNERS lists the same names.
-PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
+# name -> factory(warm-up epochs, max epochs); keyed as config.PRUNERS, which says what each does.
+FACTORIES: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
+    # below the median of earlier trials at the same epoch; no pruning until 2 trials have finished
     "median": lambda warmup, max_epochs: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup),
+    # several successive-halving brackets between the warm-up and the trials' last epoch
     "hyperband": lambda warmup, max_epochs: optuna.pruners.HyperbandPruner(min_resource=max(1, warmup),
                                                                            max_resource=max_epochs),
     # asynchronous successive halving: rungs at 1, 3, 9... epochs (from the warm-up), a third goes on
     "asha": lambda warmup, max_epochs: optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup),
                                                                               reduction_factor=3),
+    # every trial runs to its end
     "none": lambda warmup, max_epochs: optuna.pruners.NopPruner(),
+    # tests only: a pruned trial on demand
     "always": lambda warmup, max_epochs: AlwaysPruner(),
 }
 
 
 def make_pruner(name: str, warmup: int, max_epochs: int) -> optuna.pruners.BasePruner:
-    return PRUNERS[name](warmup, max_epochs)
+    return FACTORIES[name](warmup, max_epochs)
 
 
 class PruningReporter:

@@ -22,7 +22,7 @@ import optuna
 from optuna import visualization
 from optuna.trial import TrialState
 
-from .. import metric_names as M
+from .. import metrics as M
 from .. import tracking
 from ..config import Preset
 from ..data.audit import ids_digest
