@@ -128,11 +128,11 @@ def _check_tracking() -> None:
 
 
 def _promote(preset: Preset, opts: PromoteOptions, progress: bool) -> int:
-    from ..registry.promote import promote
+    from ..registry.promote import PromotionRule, ScoringOptions, promote
 
-    decision = promote(preset.data, preset.study.model_name, split=opts.split, min_gain=opts.min_gain,
-                       alpha=opts.alpha, dry_run=opts.dry_run, force=opts.force, experiment=preset.tracking.experiment,
-                       device=preset.train.device, progress=progress)
+    decision = promote(preset.data, preset.study.model_name, PromotionRule(opts.min_gain, opts.alpha, opts.force),
+                       ScoringOptions(opts.split, device=preset.train.device, progress=progress),
+                       dry_run=opts.dry_run, experiment=preset.tracking.experiment)
     print(decision.describe())
     return 0
 
@@ -150,13 +150,14 @@ def _predict(preset: Preset, opts: PredictOptions, progress: bool) -> int:
 
 
 def _bench(preset: Preset, opts: BenchOptions, progress: bool) -> int:
-    from ..bench import run_bench
+    from ..bench import bench_settings, run_bench
 
     # Logged like every command's results (into --experiment, or the `mlflow run` launcher's run);
     # the store is checked before minutes of measuring.
     _check_tracking()
-    run_bench(preset, epochs=opts.epochs, archs=opts.archs, search_trials=opts.search_trials, skip=opts.skip,
-              also=opts.also, json_path=opts.json, experiment=preset.tracking.experiment)
+    settings = bench_settings(preset, epochs=opts.epochs, archs=opts.archs, search_trials=opts.search_trials,
+                              skip=opts.skip, also=opts.also)
+    run_bench(preset, settings, json_path=opts.json, experiment=preset.tracking.experiment)
     return 0
 
 
