@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.bench import OPTIONAL_SECTIONS, SECTIONS, run_bench
+from pipeline.bench import OPTIONAL_SECTIONS, SECTIONS, bench_settings, run_bench
 from pipeline.config import load_preset
 from pipeline.data.augment import BatchGeometric
 from pipeline.data.synth import synthesize
@@ -43,9 +43,9 @@ def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
     search_data = replace(preset.data, augment="none")
     json_path = tmp_path / "out" / "bench.json"
     lines: list[str] = []
-    out = run_bench(preset, epochs=1, archs="cnn_v1,deepfakenet", search_trials=3, json_path=str(json_path),
-                    max_train=32, search_epochs=2, search_max_train=40, search_data=search_data, matmul_size=128,
-                    inference_reps=1, print_fn=lines.append)
+    settings = replace(bench_settings(preset, epochs=1, archs="cnn_v1,deepfakenet", search_trials=3), max_train=32,
+                       search_epochs=2, search_max_train=40, matmul_size=128, inference_reps=1)
+    out = run_bench(preset, settings, search_data=search_data, json_path=str(json_path), print_fn=lines.append)
 
     line = json.loads(lines[-1])  # the last printed line is the JSON line, identical to the file
     assert line == json.loads(json_path.read_text())
@@ -90,14 +90,15 @@ def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
 def test_bench_skips_sections_and_rejects_unknown_ones(tiny_synth: Path, tmp_path: Path) -> None:
     preset = load_preset("tiny")
     preset = replace(preset, data=replace(preset.data, root=str(tiny_synth), cache_dir=str(tmp_path / "cache")))
-    out = run_bench(preset, skip="reference,ours,inference,search", matmul_size=64, print_fn=lambda _: None)
+    settings = replace(bench_settings(preset, skip="reference,ours,inference,search"), matmul_size=64)
+    out = run_bench(preset, settings, print_fn=lambda _: None)
     assert "search" not in out and "inference" not in out and out["training"] == {}
     assert set(out["ceiling"]["archs"]) == {"cnn_v1", "cnn_v2"}
     assert "ours_flops" not in out["ceiling"]["archs"]["cnn_v1"]
     with pytest.raises(ValueError, match="'training'.*" + ", ".join(SECTIONS)):
-        run_bench(preset, skip="training", print_fn=lambda _: None)
+        run_bench(preset, bench_settings(preset, skip="training"), print_fn=lambda _: None)
     with pytest.raises(ValueError, match="--also: 'gpu'.*" + ", ".join(OPTIONAL_SECTIONS)):
-        run_bench(preset, also="gpu", print_fn=lambda _: None)
+        run_bench(preset, bench_settings(preset, also="gpu"), print_fn=lambda _: None)
 
 
 @pytest.mark.parametrize(("fraction", "rss_gib", "met"), [(0.71, 1.9, True), (0.69, 1.9, False), (0.71, 2.1, False)])

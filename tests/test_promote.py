@@ -31,7 +31,8 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as M
 from pipeline.config import DataConfig
 from pipeline.data import DataError
-from pipeline.registry.promote import ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, decide, promote
+from pipeline.registry.promote import (ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, PromotionRule, ScoringOptions,
+                                       decide, promote)
 from pipeline.registry.scoring import Score, Scored
 from pipeline.registry.register import log_ensemble_model
 
@@ -220,14 +221,15 @@ def test_dry_run_changes_nothing(template, store):
 
 def test_min_gain_and_force(template, store):
     data = DataConfig(root=str(template.challenger_wins))
-    decision = promote(data, NAME, min_gain=1.5, experiment=EXPERIMENT)  # wins by 1.0 < 1.5
+    decision = promote(data, NAME, PromotionRule(min_gain=1.5), experiment=EXPERIMENT)  # wins by 1.0 < 1.5
     assert decision.outcome == KEPT and "less than min gain" in decision.reason
     assert aliases(store)["champion"] == template.champion
-    forced = promote(DataConfig(root=str(template.champion_wins)), NAME, force=True, experiment=EXPERIMENT)
+    forced = promote(DataConfig(root=str(template.champion_wins)), NAME, PromotionRule(force=True),
+                     experiment=EXPERIMENT)
     assert forced.outcome == PROMOTED and forced.reason.startswith("forced")
     assert aliases(store)["champion"] == template.challenger
     with pytest.raises(ValueError, match="min-gain must be >= 0"):
-        promote(data, NAME, min_gain=-0.1)
+        promote(data, NAME, PromotionRule(min_gain=-0.1))
 
 
 def test_decision_rule_tie_keeps_the_champion():
@@ -254,7 +256,7 @@ def test_unlabelled_split_and_missing_challenger_are_clear_errors(tuned, templat
     ids = [row["image_id"] for row in read_csv_rows(data / "test.csv")]
     write_csv(data / "test.csv", [(i,) for i in ids], ("image_id",))
     with pytest.raises(DataError, match="test split has no labels"):
-        promote(DataConfig(root=str(data)), NAME, split="test")
+        promote(DataConfig(root=str(data)), NAME, scoring=ScoringOptions(split="test"))
     store.delete_registered_model_alias(NAME, "challenger")
     with pytest.raises(PromotionError, match="carries @challenger"):
         promote(DataConfig(root=str(data)), NAME)

@@ -10,7 +10,7 @@ import torch
 from conftest import make_learnable, seed_store
 
 from pipeline import metrics as M
-from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import ModelInterface, load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data import load_dataset
 from pipeline.models import build_model
@@ -224,7 +224,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     model_cfg = ModelConfig(arch="cnn_v2", dropout_fc=0.3)
     model = build_model(model_cfg)
     path = save_checkpoint(tmp_path / "best.pt", model.state_dict(), model_cfg, DataConfig(), TrainConfig(),
-                           ("0", "1", "2", "3", "4"), epoch=3, val_accuracy=0.5, input_size=(32, 32))
+                           ModelInterface(("0", "1", "2", "3", "4"), input_size=(32, 32)), epoch=3, val_accuracy=0.5)
     raw = torch.load(path, weights_only=True)  # plain tensors and builtins only
     assert raw["arch"] == "cnn_v2" and raw["epoch"] == 3 and raw["input_size"] == [32, 32]
     rebuilt, data_cfg = model_from_checkpoint(load_checkpoint(path))

@@ -1,6 +1,6 @@
 """``bench``: our training, search and inference paths measured side by side with the reference way.
 
-- ``settings``: what the figures depend on, the machine and the data both paths read
+- ``settings``: what the figures depend on (``bench_settings``), the machine and the data both paths read
 - ``reference``: the reference solutions' loop, re-implemented faithfully (only bench imports it)
 - ``training``: throughput and accuracy parity, reference against ``build_and_fit`` as ``tune`` runs it
 - ``ceiling``: matmul FLOP/s and each training step's share of it
@@ -11,6 +11,6 @@
 """
 
 from .run import run_bench
-from .settings import OPTIONAL_SECTIONS, SECTIONS
+from .settings import OPTIONAL_SECTIONS, SECTIONS, BenchSettings, OptInSettings, bench_settings
 
-__all__ = ["run_bench", "OPTIONAL_SECTIONS", "SECTIONS"]
+__all__ = ["run_bench", "bench_settings", "BenchSettings", "OptInSettings", "OPTIONAL_SECTIONS", "SECTIONS"]

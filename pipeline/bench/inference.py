@@ -44,7 +44,7 @@ def save_ensemble(data: Dataset, data_cfg: DataConfig, base: TrainConfig, settin
     signature and requirements ``registry.register_ensemble`` logs, weight 0.5, soft voting."""
     import mlflow.pyfunc
 
-    from ..train.checkpoint import save_checkpoint
+    from ..train.checkpoint import ModelInterface, save_checkpoint
 
     ens = _ensemble_module()
 
@@ -54,7 +54,7 @@ def save_ensemble(data: Dataset, data_cfg: DataConfig, base: TrainConfig, settin
     for key, arch in (("member_a", arch_a), ("member_b", arch_b)):
         paths[key] = str(save_checkpoint(out_dir / f"{key}.pt", states[arch],
                                          ModelConfig(arch=arch, num_classes=data.num_classes), data_cfg, cfg,
-                                         data.classes, settings.epochs, 0.0, data.image_shape[1:]))
+                                         ModelInterface(data.classes, data.image_shape[1:]), settings.epochs, 0.0))
     precision = settings.precision
     spec = ens.write_spec(out_dir / "ensemble.json", 0.5, "soft", list(data.classes),
                           [{"arch": arch, "trial": 0, "run_id": "", "tta": "none", "temperature": 1.0,

@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .settings import BenchSettings
+
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 BATCH_SIZE = 32
 WORKERS = 2
@@ -96,17 +98,18 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
 
 
 def reference_fit(model: nn.Module, train_paths: list[Path], train_labels: list[int], val_paths: list[Path],
-                  val_labels: list[int], epochs: int, lr: float, image_size: int | None, seed: int,
-                  device: torch.device) -> list[ReferenceEpoch]:
-    """Train ``epochs`` epochs the reference way, evaluating after each; returns per-epoch figures."""
+                  val_labels: list[int], settings: BenchSettings, device: torch.device) -> list[ReferenceEpoch]:
+    """Train ``settings.epochs`` epochs the reference way (``settings.lr``, ``settings.seed``, images resized to
+    ``settings.image_size`` when set), evaluating after each; returns per-epoch figures."""
+    seed, image_size = settings.seed, settings.image_size or None
     torch.manual_seed(seed)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     loss_fn = nn.CrossEntropyLoss()
     train_loader = reference_loader(train_paths, train_labels, True, image_size, seed)
     val_loader = reference_loader(val_paths, val_labels, False, image_size, seed)
     out = []
-    for _ in range(epochs):
+    for _ in range(settings.epochs):
         t_sec, t_n, loss = train_epoch(model, train_loader, optimizer, loss_fn, device)
         e_sec, e_n, acc = evaluate(model, val_loader, device)
         out.append(ReferenceEpoch(t_sec, t_n, loss, e_sec, e_n, acc))

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import DataConfig, Preset
-from ..train import resolve_device, resolve_precision
+from ..data import Dataset
 from .ceiling import bench_ceiling
 from .compile import bench_compile
 from .inference import bench_inference
@@ -43,83 +43,28 @@ from .memory import bench_memory
 from .report import (check_targets, describe_ceiling, describe_compile, describe_data, describe_inference, describe_memory, describe_search,
                      describe_settings, describe_training, finite, format_table, log_bench_run)
 from .search import bench_search
-from .settings import (DEFAULT_ARCHS, DEFAULT_EPOCHS, DEFAULT_MAX_TRAIN, OPTIONAL_SECTIONS, REFERENCE_BATCH, SECTIONS, BenchSettings,
-                       load_bench_data, loadavg, machine_info, subsample)
+from .settings import (REFERENCE_BATCH, BenchSettings, OptInSettings, bench_settings, load_bench_data, loadavg,
+                       machine_info, subsample)
 from .training import bench_training
 
-def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = None,
-              search_trials: int | None = None, skip: str | None = None, json_path: str | None = None,
-              also: str | None = None, *,
-              max_train: int | None = DEFAULT_MAX_TRAIN, search_epochs: int = 6,
-              search_max_train: int | None = 1000, search_data: DataConfig | None = None,
-              search_pruner: str = "median", search_warmup: int | None = None, matmul_size: int = 2048,
-              inference_images: int = 256,
-              inference_reps: int = 3, model_uri: str | None = None, experiment: str | None = None,
-              memory_root: str | None = None, memory_images_per_epoch: int = 256, compile_steps: int = 10,
-              print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every section not in ``skip`` (comma list of ``SECTIONS``) and those in ``also`` (comma
-    list of ``OPTIONAL_SECTIONS``); returns the figures."""
-    skipped = _parse_sections(skip, SECTIONS, "skip")
-    extra = _parse_sections(also, OPTIONAL_SECTIONS, "also")
-    if search_pruner not in ("median", "hyperband"):
-        raise ValueError(f"bench: search_pruner must be median or hyperband, got {search_pruner!r}")
-    device = resolve_device(preset.train.device)
-    settings = BenchSettings(
-        data_root=str(preset.data.root), image_size=preset.data.image_size,
-        archs=tuple(a.strip() for a in archs.split(",")) if archs else DEFAULT_ARCHS,
-        epochs=epochs or DEFAULT_EPOCHS, batch_size=REFERENCE_BATCH, max_train=max_train, seed=preset.train.seed,
-        device=str(device), precision=resolve_precision(preset.train.precision, device), lr=preset.train.lr,
-        search_trials=search_trials or 8, search_epochs=search_epochs, search_max_train=search_max_train,
-        search_pruner=search_pruner, search_warmup=search_warmup, matmul_size=matmul_size,
-        inference_images=inference_images, inference_reps=inference_reps, skip=skipped, also=extra)
+def run_bench(preset: Preset, settings: BenchSettings | None = None, *, search_data: DataConfig | None = None,
+              model_uri: str | None = None, opt_in: OptInSettings = OptInSettings(), json_path: str | None = None,
+              experiment: str | None = None, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every section not in ``settings.skip`` and those in ``settings.also`` (``settings`` defaults to
+    ``bench_settings(preset)``); returns the figures. ``search_data``: the search section's data (default
+    the embedded dataset); ``model_uri``: the ensemble the inference section loads (default: one saved
+    from the members trained here); ``json_path``, ``experiment``: where the figures also go."""
+    settings = bench_settings(preset) if settings is None else settings
     out: dict[str, Any] = {"settings": asdict(settings), "machine": machine_info(), "section_seconds": {}}
-    clock = out["section_seconds"]
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
-        value = fn()
-        clock[name] = time.perf_counter() - t0
-        return value
-
     print_fn(describe_settings(settings, out["machine"]))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        tmp_dir = Path(tmp)
-        # The reference's policy and normalisation, whatever the preset says: both paths see the same work.
-        data_cfg = replace(preset.data, augment="geometric", normalize="imagenet", cutmix_alpha=0.0, mixup_alpha=0.0)
-        members: dict[str, dict[str, torch.Tensor]] = {}
-        if {"reference", "ours", "ceiling", "inference"} - set(skipped):
-            data, out["data"] = timed("data", lambda: load_bench_data(data_cfg, tmp_dir / "cache"))
-            train_data, out["data"]["train_used"] = subsample(data, max_train, settings.seed, REFERENCE_BATCH)
-            print_fn(describe_data(out["data"]))
-            out["training"] = {}
-            for arch in settings.archs if {"reference", "ours"} - set(skipped) else ():
-                figures, state = timed(f"training_{arch}", lambda: bench_training(
-                    arch, train_data, data_cfg, preset.train, settings, skipped))
-                out["training"][arch] = figures
-                if state is not None:
-                    members[arch] = state
-                print_fn(describe_training(arch, figures))
-            if "ceiling" not in skipped:
-                out["ceiling"] = timed("ceiling", lambda: bench_ceiling(settings, data, out["training"], device))
-                print_fn(describe_ceiling(out["ceiling"]))
-            if "inference" not in skipped:
-                out["inference"] = timed("inference", lambda: bench_inference(
-                    data, data_cfg, preset.train, settings, members, tmp_dir, model_uri))
-                print_fn(describe_inference(out["inference"]))
-        if "search" not in skipped:
-            out["search"] = timed("search", lambda: bench_search(settings, search_data))
-            print_fn(describe_search(out["search"]))
-        if "compile" in extra:
-            if "data" not in out:
-                data, out["data"] = timed("data", lambda: load_bench_data(data_cfg, tmp_dir / "cache"))
-            out["compile"] = timed("compile", lambda: bench_compile(
-                settings.archs, data.num_classes, data.image_shape, device, settings.precision, compile_steps, settings.seed))
-            print_fn(describe_compile(out["compile"]))
-        if "memory" in extra:
-            out["memory"] = timed("memory", lambda: bench_memory(tmp_dir, memory_root, memory_images_per_epoch,
-                                                                 settings.seed))
-            print_fn(describe_memory(out["memory"]))
+        sections = _Sections(preset, settings, Path(tmp), out, print_fn)
+        if {"reference", "ours", "ceiling", "inference"} - set(settings.skip):
+            sections.on_the_data(model_uri)
+        if "search" not in settings.skip:
+            sections.run("search", lambda: bench_search(settings, search_data), describe_search)
+        sections.opt_in(opt_in)
     out["targets"] = check_targets(out)
     out["seconds"] = time.perf_counter() - start
     out["machine"]["loadavg_end"] = loadavg()
@@ -134,10 +79,71 @@ def run_bench(preset: Preset, epochs: int | None = None, archs: str | None = Non
     return out
 
 
-def _parse_sections(spec: str | None, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
-    names = tuple(s.strip() for s in (spec or "").split(",") if s.strip())
-    unknown = [s for s in names if s not in known]
-    if unknown:
-        raise ValueError(f"bench: unknown section(s) for --{flag}: {', '.join(map(repr, unknown))}; "
-                         f"sections: {', '.join(known)}")
-    return names
+class _Sections:
+    """The sections of one bench, in ``tmp_dir``: each timed into ``out["section_seconds"]``, its figures
+    kept in ``out`` and described as it ends."""
+
+    def __init__(self, preset: Preset, settings: BenchSettings, tmp_dir: Path, out: dict[str, Any],
+                 print_fn: Callable[[str], None]):
+        self.preset, self.settings, self.tmp_dir, self.out, self.print_fn = preset, settings, tmp_dir, out, print_fn
+        self.device = torch.device(settings.device)
+        # The reference's policy and normalisation, whatever the preset says: both paths see the same work.
+        self.data_cfg = replace(preset.data, augment="geometric", normalize="imagenet", cutmix_alpha=0.0,
+                                mixup_alpha=0.0)
+        self.data: Dataset | None = None
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        value = fn()
+        self.out["section_seconds"][name] = time.perf_counter() - t0
+        return value
+
+    def run(self, name: str, fn: Callable[[], Any], describe: Callable[[Any], str]) -> None:
+        """A section whose figures are ``out[name]``."""
+        self.out[name] = self.timed(name, fn)
+        self.print_fn(describe(self.out[name]))
+
+    def load_data(self) -> Dataset:
+        """The bench's dataset, loaded (and timed) once, by the first section that reads it."""
+        if self.data is None:
+            self.data, self.out["data"] = self.timed("data", lambda: load_bench_data(self.data_cfg,
+                                                                                     self.tmp_dir / "cache"))
+        return self.data
+
+    def on_the_data(self, model_uri: str | None) -> None:
+        """The sections that read the bench's dataset: training (reference and ours), ceiling, inference."""
+        s = self.settings
+        data = self.load_data()
+        train_data, self.out["data"]["train_used"] = subsample(data, s.max_train, s.seed, REFERENCE_BATCH)
+        self.print_fn(describe_data(self.out["data"]))
+        members = self.training(train_data)
+        if "ceiling" not in s.skip:
+            self.run("ceiling", lambda: bench_ceiling(s, data, self.out["training"], self.device), describe_ceiling)
+        if "inference" not in s.skip:
+            self.run("inference", lambda: bench_inference(data, self.data_cfg, self.preset.train, s, members,
+                                                          self.tmp_dir, model_uri), describe_inference)
+
+    def training(self, train_data: Dataset) -> dict[str, dict[str, torch.Tensor]]:
+        """Each architecture's reference and ours sections; returns the weights ours trained (inference's members)."""
+        s = self.settings
+        self.out["training"] = {}
+        members: dict[str, dict[str, torch.Tensor]] = {}
+        for arch in s.archs if {"reference", "ours"} - set(s.skip) else ():
+            figures, state = self.timed(f"training_{arch}", lambda: bench_training(
+                arch, train_data, self.data_cfg, self.preset.train, s, s.skip))
+            self.out["training"][arch] = figures
+            if state is not None:
+                members[arch] = state
+            self.print_fn(describe_training(arch, figures))
+        return members
+
+    def opt_in(self, opt: OptInSettings) -> None:
+        """The sections run only when asked for (``also``): compile, then memory."""
+        s = self.settings
+        if "compile" in s.also:
+            data = self.load_data()
+            self.run("compile", lambda: bench_compile(s.archs, data.num_classes, data.image_shape, self.device,
+                                                      s.precision, opt.compile_steps, s.seed), describe_compile)
+        if "memory" in s.also:
+            self.run("memory", lambda: bench_memory(self.tmp_dir, opt.memory_root, opt.memory_images_per_epoch,
+                                                    s.seed), describe_memory)

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, Preset
 from ..data import Dataset, Split, load_dataset
 from ..data.layout import index_dataset
+from ..train import resolve_device, resolve_precision
 
 SECTIONS = ("reference", "ours", "ceiling", "inference", "search")
 OPTIONAL_SECTIONS = ("memory", "compile")  # minutes each: run only when asked (``also``)
@@ -28,28 +29,68 @@ WITHIN = 0.01  # "within 1 point" of the study's final best validation accuracy
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Everything the figures depend on; printed first and written into the JSON line."""
+    """Everything the figures depend on; printed first and written into the JSON line. The first six
+    come from the preset (``bench_settings`` resolves them); the rest default to the command's defaults."""
 
     data_root: str
     image_size: int | None
-    archs: tuple[str, ...]
-    epochs: int
-    batch_size: int
-    max_train: int | None
     seed: int
     device: str
     precision: str
     lr: float
-    search_trials: int
-    search_epochs: int
-    search_max_train: int | None
-    search_pruner: str
-    search_warmup: int | None  # None: the demo preset's pruner_warmup_epochs
-    matmul_size: int
-    inference_images: int
-    inference_reps: int
-    skip: tuple[str, ...]
+    archs: tuple[str, ...] = DEFAULT_ARCHS
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = REFERENCE_BATCH
+    max_train: int | None = DEFAULT_MAX_TRAIN
+    search_trials: int = 8
+    search_epochs: int = 6
+    search_max_train: int | None = 1000
+    search_pruner: str = "median"
+    search_warmup: int | None = None  # None: the demo preset's pruner_warmup_epochs
+    matmul_size: int = 2048
+    inference_images: int = 256
+    inference_reps: int = 3
+    skip: tuple[str, ...] = ()
     also: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Checked here, not where it is used: a bad pruner would otherwise fail minutes into the bench.
+        if self.search_pruner not in ("median", "hyperband"):
+            raise ValueError(f"bench: search_pruner must be median or hyperband, got {self.search_pruner!r}")
+
+
+@dataclass(frozen=True)
+class OptInSettings:
+    """The opt-in sections' own knobs (``also``). Not figures' settings of the default run: kept out of
+    the JSON line's ``settings``."""
+
+    memory_root: str | None = None  # default: the ``full`` synthetic preset, made in the bench's temp dir
+    memory_images_per_epoch: int = 256
+    compile_steps: int = 10
+
+
+def bench_settings(preset: Preset, *, epochs: int | None = None, archs: str | None = None,
+                   search_trials: int | None = None, skip: str | None = None, also: str | None = None) -> BenchSettings:
+    """The settings of a bench on ``preset``'s data, device, precision, seed and lr, with the command's
+    flags: ``archs`` a comma list, ``skip`` a comma list of ``SECTIONS``, ``also`` one of
+    ``OPTIONAL_SECTIONS``; the other settings keep their defaults (``dataclasses.replace`` changes them)."""
+    skipped = _parse_sections(skip, SECTIONS, "skip")
+    extra = _parse_sections(also, OPTIONAL_SECTIONS, "also")
+    device = resolve_device(preset.train.device)
+    return BenchSettings(
+        data_root=str(preset.data.root), image_size=preset.data.image_size, seed=preset.train.seed,
+        device=str(device), precision=resolve_precision(preset.train.precision, device), lr=preset.train.lr,
+        archs=tuple(a.strip() for a in archs.split(",")) if archs else DEFAULT_ARCHS,
+        epochs=epochs or DEFAULT_EPOCHS, search_trials=search_trials or 8, skip=skipped, also=extra)
+
+
+def _parse_sections(spec: str | None, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in (spec or "").split(",") if s.strip())
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        raise ValueError(f"bench: unknown section(s) for --{flag}: {', '.join(map(repr, unknown))}; "
+                         f"sections: {', '.join(known)}")
+    return names
 
 
 def loadavg() -> float | None:

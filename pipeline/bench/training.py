@@ -72,9 +72,7 @@ def run_reference(model_cfg: ModelConfig, data: Dataset, settings: BenchSettings
     train_paths, train_labels, val_paths, val_labels = reference_paths(data)
     seed_everything(settings.seed)
     model = build_model(model_cfg)
-    resize = settings.image_size if settings.image_size else None
-    epochs = reference_fit(model, train_paths, train_labels, val_paths, val_labels, settings.epochs, settings.lr,
-                           resize, settings.seed, device)
+    epochs = reference_fit(model, train_paths, train_labels, val_paths, val_labels, settings, device)
     train_rates = [e.train_images / e.train_seconds for e in epochs]
     eval_rates = [e.eval_images / e.eval_seconds for e in epochs]
     accs = [e.val_accuracy for e in epochs]

@@ -96,19 +96,20 @@ def build_ensemble(candidates: list[Candidate], labels: np.ndarray, ids: list[st
     result = EnsembleResult(run_id, a, b, choice.weight, choice.rule, choice.variant_a, choice.variant_b,
                             va.temperature, vb.temperature, choice.accuracy, choice.nll,
                             views[(choice.a, "none")].accuracy, views[(choice.b, "none")].accuracy, len(labels))
-    _log(client, result, candidates, ranked, va, vb, labels, ids, classes, settings, rules)
+    _log_choice(client, result, len(candidates), settings, rules)
+    _log_selection_outputs(client, result, _pair_rows(candidates, ranked), va, vb, labels, ids, classes)
     return result
 
 
-def _log(client, result: EnsembleResult, candidates: list[Candidate], ranked: list[Choice], va: View, vb: View,
-         labels: np.ndarray, ids: list[str], classes: tuple[str, ...], settings: StudyConfig,
-         rules: tuple[str, ...]) -> None:
+def _log_choice(client, result: EnsembleResult, n_candidates: int, settings: StudyConfig,
+                rules: tuple[str, ...]) -> None:
+    """The choice as the run's params (what was chosen, from how many candidates, by which rule) and metrics."""
     a, b, run_id = result.member_a, result.member_b, result.run_id
     tracking.log_params(client, run_id, {
         "member_a_run_id": a.run_id, "member_b_run_id": b.run_id, "member_a": a.label, "member_b": b.label,
         "weight": round(result.weight, 6), "method": result.method, "tta_a": result.variant_a,
         "tta_b": result.variant_b, "temperature_a": round(result.temperature_a, 4),
-        "temperature_b": round(result.temperature_b, 4), "candidates": len(candidates), "top_k": settings.top_k,
+        "temperature_b": round(result.temperature_b, 4), "candidates": n_candidates, "top_k": settings.top_k,
         "rules": ",".join(rules), "weight_step": settings.ensemble_weight_step,
         "chosen_by": "lowest selection NLL with selection accuracy >= the better member's",
     })
@@ -117,10 +118,21 @@ def _log(client, result: EnsembleResult, candidates: list[Candidate], ranked: li
         M.SELECTION_IMAGES: result.selection_images, M.MEMBER_A_SELECTION_ACCURACY: result.member_a_accuracy,
         M.MEMBER_B_SELECTION_ACCURACY: result.member_b_accuracy, M.ENSEMBLE_WEIGHT: result.weight,
         M.TEMPERATURE_A: result.temperature_a, M.TEMPERATURE_B: result.temperature_b})
-    rows = [{"member_a": candidates[c.a].label, "member_b": candidates[c.b].label, "tta_a": c.variant_a,
+
+
+def _pair_rows(candidates: list[Candidate], ranked: list[Choice]) -> list[dict]:
+    """The ranked pairs, one row each: the run's ``best_pairs`` table."""
+    return [{"member_a": candidates[c.a].label, "member_b": candidates[c.b].label, "tta_a": c.variant_a,
              "tta_b": c.variant_b, "method": c.rule, "weight": c.weight, "selection_nll": c.nll,
              "selection_accuracy": c.accuracy, "better_member_accuracy": c.floor,
              "member_a_run_id": candidates[c.a].run_id, "member_b_run_id": candidates[c.b].run_id} for c in ranked]
+
+
+def _log_selection_outputs(client, result: EnsembleResult, rows: list[dict], va: View, vb: View, labels: np.ndarray,
+                           ids: list[str], classes: tuple[str, ...]) -> None:
+    """The pairs table, the weight curve, the reliability figure and the ensemble's evaluation files, all on
+    the selection split."""
+    a, b, run_id = result.member_a, result.member_b, result.run_id
     probs = combine(va.probs, vb.probs, result.weight, result.method)
     raw = [calibrated(variant_logprobs(m.logits, m.logits_flipped, v), 1.0)
            for m, v in ((a, result.variant_a), (b, result.variant_b))]

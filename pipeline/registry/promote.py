@@ -26,7 +26,37 @@ ALREADY_CHAMPION = "already_champion"  # @challenger and @champion are the same 
 RULE = ("promote when the challenger is better on the scoring images, by at least min_gain, and an exact McNemar "
         "test on the images where the two disagree gives p < alpha")
 
-__all__ = ["PROMOTED", "KEPT", "ALREADY_CHAMPION", "PromotionError", "Decision", "decide", "promote"]
+__all__ = ["PROMOTED", "KEPT", "ALREADY_CHAMPION", "PromotionError", "Decision", "PromotionRule", "ScoringOptions",
+           "decide", "promote"]
+
+
+@dataclass(frozen=True)
+class PromotionRule:
+    """When the challenger takes @champion: better on the scoring images by at least ``min_gain`` (accuracy,
+    0 to 1) and an exact McNemar test gives p < ``alpha``; ``force``: whatever the scores."""
+
+    min_gain: float = 0.0
+    alpha: float = 0.05
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        # Refused before anything is scored: such a rule can only be a mistake.
+        if self.min_gain < 0:
+            raise ValueError(f"--min-gain must be >= 0, got {self.min_gain}; use --force to promote a challenger "
+                             "that does not win")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"--alpha must be in (0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How both versions are scored: on ``split`` (default: the versions' audit split), ``batch_size`` images
+    per predict call, on ``device`` (default: the served model's, cpu), with progress bars or not."""
+
+    split: str | None = None
+    batch_size: int = 256
+    device: str | None = None
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,9 +171,9 @@ def decide(challenger: Scored, champion: Scored | None, min_gain: float, alpha: 
     return PROMOTED, f"{facts}: better, by >= {100 * min_gain:.2f} points, p < {alpha:g}", evidence
 
 
-def promote(data_cfg, model_name: str = "deepfake-ensemble", split: str | None = None, min_gain: float = 0.0,
-            alpha: float = 0.05, dry_run: bool = False, force: bool = False, experiment: str = "deepfake",
-            batch_size: int = 256, device: str | None = None, progress: bool = False) -> Decision:
+def promote(data_cfg, model_name: str = "deepfake-ensemble", rule: PromotionRule = PromotionRule(),
+            scoring: ScoringOptions = ScoringOptions(), dry_run: bool = False,
+            experiment: str = "deepfake") -> Decision:
     """Score ``@challenger`` and ``@champion`` on the same labelled images and move ``@champion`` on evidence.
 
     Writes (unless ``dry_run``): one run in ``experiment`` with both scores, intervals, the discordant
@@ -153,36 +183,32 @@ def promote(data_cfg, model_name: str = "deepfake-ensemble", split: str | None =
     from ..data.dataset import ensure_default_data
     from .inference import read_images
 
-    if min_gain < 0:
-        raise ValueError(f"--min-gain must be >= 0, got {min_gain}; use --force to promote a challenger that "
-                         "does not win")
-    if not 0 < alpha <= 1:
-        raise ValueError(f"--alpha must be in (0, 1], got {alpha}")
     client = tracking.client()
     tracking.check_tracking(client)
     challenger_v, champion_v = current_aliases(client, model_name)
     if challenger_v == champion_v:
         return Decision(model_name, challenger_v, champion_v, ALREADY_CHAMPION, "same version",
-                        min_gain=min_gain, alpha=alpha, forced=force, dry_run=dry_run)
+                        min_gain=rule.min_gain, alpha=rule.alpha, forced=rule.force, dry_run=dry_run)
     tags = {v: dict(client.get_model_version(model_name, v).tags) for v in (challenger_v, champion_v) if v}
-    if not force:
+    if not rule.force:
         check_comparable(model_name, (challenger_v, tags[challenger_v]),
                          (champion_v, tags[champion_v]) if champion_v else None)
     ensure_default_data(data_cfg)
-    scoring = scoring_set(data_cfg, split, audit_spec_of(tags[challenger_v]))
-    if tags[challenger_v].get("dataset_digest") not in (None, scoring.data_digest):
-        print(f"note: the data given (digest {scoring.data_digest}) is not the data v{challenger_v} was built on "
+    scored_on = scoring_set(data_cfg, scoring.split, audit_spec_of(tags[challenger_v]))
+    if tags[challenger_v].get("dataset_digest") not in (None, scored_on.data_digest):
+        print(f"note: the data given (digest {scored_on.data_digest}) is not the data v{challenger_v} was built on "
               f"(digest {tags[challenger_v]['dataset_digest']})")
-    blobs = read_images(scoring.paths, progress=progress)
-    scored = {v: score_version(model_name, v, blobs, scoring.labels, scoring.num_classes, batch_size, device, progress)
+    blobs = read_images(scored_on.paths, progress=scoring.progress)
+    scored = {v: score_version(model_name, v, blobs, scored_on.labels, scored_on.num_classes, scoring.batch_size,
+                               scoring.device, scoring.progress)
               for v in (challenger_v, champion_v) if v}
     champion = scored.get(champion_v) if champion_v else None
-    outcome, reason, evidence = decide(scored[challenger_v], champion, min_gain, alpha, force)
-    decision = Decision(model_name, challenger_v, champion_v, outcome, reason, scoring, scored[challenger_v],
-                        champion, evidence, min_gain, alpha, force, dry_run)
+    outcome, reason, evidence = decide(scored[challenger_v], champion, rule.min_gain, rule.alpha, rule.force)
+    decision = Decision(model_name, challenger_v, champion_v, outcome, reason, scored_on, scored[challenger_v],
+                        champion, evidence, rule.min_gain, rule.alpha, rule.force, dry_run)
     if dry_run:
         return decision
-    run_id = _record(client, decision, experiment, device or "cpu")
+    run_id = _record(client, decision, experiment, scoring.device or "cpu")
     return replace(decision, run_id=run_id)
 
 

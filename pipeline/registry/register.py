@@ -9,10 +9,10 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import torch
 
 from .. import metrics as M
 from .. import tracking
+from ..data import Dataset
 from ..ensemble.pyfunc import pip_requirements, signature, write_spec
 from ..ensemble.stage import EnsembleResult
 
@@ -53,17 +53,18 @@ def log_ensemble_model(run_id: str, member_a: str | Path, member_b: str | Path, 
     return str(info.registered_model_version)
 
 
-def register_ensemble(client, result: EnsembleResult, classes: tuple[str, ...], example_images: torch.Tensor,
-                      dataset_digest: str, model_name: str, audit: dict[str, float] | None,
+def register_ensemble(client, result: EnsembleResult, data: Dataset, model_name: str, audit: dict[str, float] | None,
                       audit_spec: str, audit_digest: str) -> str:
     """The ensemble as a new version of ``model_name``, logged into the ensemble run, tagged with its
-    members, choices, selection and audit figures, dataset digest and audit set, and given ``@challenger``."""
+    members, choices, selection and audit figures, dataset digest and audit set, and given ``@challenger``.
+    ``data``: the dataset it was chosen on (its classes, its digest, a validation image as the input example)."""
     a, b, run_id = result.member_a, result.member_b, result.run_id
+    classes = data.classes
     with tempfile.TemporaryDirectory() as tmp:
         spec = write_spec(Path(tmp) / "ensemble.json", result.weight, result.method, list(classes),
                           result.member_spec())
         version = log_ensemble_model(run_id, a.checkpoint, b.checkpoint, spec, list(classes),
-                                     example_input(example_images), model_name)
+                                     example_input(data.validation.images), model_name)
     tags = {
         "member_a_run_id": a.run_id, "member_b_run_id": b.run_id, "member_a": a.label, "member_b": b.label,
         "weight": f"{result.weight:.6f}", "method": result.method, "tta_a": result.variant_a,
@@ -72,7 +73,7 @@ def register_ensemble(client, result: EnsembleResult, classes: tuple[str, ...], 
         M.SELECTION_ACCURACY: f"{result.selection_accuracy:.6f}", M.SELECTION_NLL: f"{result.selection_nll:.6f}",
         M.MEMBER_A_SELECTION_ACCURACY: f"{result.member_a_accuracy:.6f}",
         M.MEMBER_B_SELECTION_ACCURACY: f"{result.member_b_accuracy:.6f}",
-        "dataset_digest": dataset_digest, "audit_split": audit_spec, "audit_digest": audit_digest,
+        "dataset_digest": data.digest, "audit_split": audit_spec, "audit_digest": audit_digest,
         "ensemble_run_id": run_id,
         **({k: f"{v:.6f}" for k, v in audit.items()} if audit else
            {"audit": "off: every figure of this version is in-sample (selection)"}),

@@ -96,7 +96,7 @@ def per_class_metrics(report: dict, classes: tuple[str, ...]) -> dict[str, float
 def log_training_outputs(mlflow_client: MlflowClient, run_id: str, result, data, model_cfg: ModelConfig,
                          data_cfg: DataConfig, train_cfg: TrainConfig) -> dict:
     """Summary metrics and artifacts of one finished ``fit``: what ensembles and the UI need."""
-    from ..train.checkpoint import save_checkpoint
+    from ..train.checkpoint import ModelInterface, save_checkpoint
 
     y_val = data.validation.labels.numpy()
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,8 +109,8 @@ def log_training_outputs(mlflow_client: MlflowClient, run_id: str, result, data,
                                   logits=result.val_logits, logits_flipped=result.val_logits_flipped,
                                   precision=result.precision, split=data.validation.name)
         save_checkpoint(out / M.CHECKPOINT_ARTIFACT, result.best_state, model_cfg, data_cfg, train_cfg,
-                        data.classes, result.best_epoch, result.best_val_accuracy,
-                        data.image_shape[1:])
+                        ModelInterface(data.classes, data.image_shape[1:]), result.best_epoch,
+                        result.best_val_accuracy)
         mlflow_client.log_artifacts(run_id, str(out))
     summary = {
         M.BEST_VAL_ACCURACY: result.best_val_accuracy,

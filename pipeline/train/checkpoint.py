@@ -3,6 +3,7 @@ types only, so ``torch.load(..., weights_only=True)`` reads them without unpickl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,17 @@ from ..models import build_model
 FORMAT = "deepfake-tune/checkpoint/1"
 
 
-def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig,
-                    data_cfg: DataConfig, train_cfg: TrainConfig, classes: tuple[str, ...],
-                    epoch: int, val_accuracy: float, input_size: tuple[int, int]) -> Path:
+@dataclass(frozen=True)
+class ModelInterface:
+    """What a served checkpoint reads and answers besides its weights: the class names of its outputs, in
+    order, and the (height, width) serving resizes input images to."""
+
+    classes: tuple[str, ...]
+    input_size: tuple[int, int]
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig,
+                    train_cfg: TrainConfig, interface: ModelInterface, epoch: int, val_accuracy: float) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({
@@ -27,8 +36,8 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], model_cfg:
         "model": to_dict(model_cfg),
         "data": to_dict(data_cfg),
         "train": to_dict(train_cfg),
-        "classes": list(classes),
-        "input_size": [int(input_size[0]), int(input_size[1])],  # serving resizes inputs to this
+        "classes": list(interface.classes),
+        "input_size": [int(interface.input_size[0]), int(interface.input_size[1])],  # serving resizes inputs to this
         "epoch": epoch,
         "val_accuracy": val_accuracy,
     }, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,15 +21,16 @@ from ..config import DataConfig, TrainConfig
 from ..data import BatchAugmenter, Dataset
 from ..rng import RunRandom, seeded_dropout
 from .device import on_device, resolve_device, resolve_precision
-from .loop import (EpochStats, FitResult, Report, StopTraining, _progress, class_weight_tensor, evaluate,
+from .loop import (EpochStats, FitResult, Report, StopTraining, TrainStep, _progress, class_weight_tensor, evaluate,
                    predict_logits, train_one_epoch)
 from .schedule import Deadline, RunLength, lr_factor
 
 
 def fit(model: nn.Module, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig,
         report: Report | None = None, progress: bool = True, deadline: Deadline | None = None) -> FitResult:
-    """Train ``model``. The run's length is ``deadline`` when given, else ``cfg.epochs`` epochs; a decaying schedule reaches zero at its end and the last
-    weights (or their EMA) are the run's model, ``plateau`` keeps the best epoch instead.
+    """Train ``model``. The run's length is ``deadline`` when given, else ``cfg.epochs`` epochs; a decaying
+    schedule reaches zero at its end and the last weights (or their EMA) are the run's model, ``plateau``
+    keeps the best epoch instead.
     Shuffling, augmentation and dropout draw from the run's own generators (seeded by ``cfg.seed``),
     never from torch's global one: runs in threads (``tune --n-jobs``) neither perturb nor depend on
     each other."""
@@ -76,6 +78,7 @@ class _Run:
         self.seconds_per_eval_image = self._eval_seconds_per_image()
         self._set_length()
         self.images = 0
+        self.tally = _Tally(stop_reason="deadline" if self.length.timed else "max_epochs")
 
     def _set_length(self) -> None:
         """The run's length. With a deadline, the final evaluation (plain and mirrored images) and the
@@ -155,74 +158,97 @@ class _Run:
         return self.eval_seconds + per_eval <= self.cfg.eval_share * projected
 
     def fit(self) -> FitResult:
-        cfg = self.cfg
-        best_acc, best_epoch, best = -1.0, 0, None
-        history: list[dict[str, float]] = []
-        epoch_stats: list[EpochStats] = []
-        train_seconds = data_seconds = 0.0
-        stop_reason = "deadline" if self.length.timed else "max_epochs"
-        evaluated = 0
         epochs = _progress(itertools.count(1), self.progress, desc="epochs",
-                           total=None if self.length.timed else cfg.epochs)
+                           total=None if self.length.timed else self.cfg.epochs)
         for epoch in epochs:
-            lr = self.optimizer.param_groups[0]["lr"]
-            before = None if self.plateau and not self.length.timed else self._before_step
-            stats = train_one_epoch(self.model, self.train_x, self.train_y, self.augment, _StepOptimizer(self),
-                                    self.loss_fn, cfg.batch_size, self.device, self.precision, self.random.cpu,
-                                    self.progress, cfg.images_per_epoch, before)
-            self.images += stats.images
-            epoch_stats.append(stats)
-            train_seconds += stats.seconds
-            data_seconds += stats.data_seconds
-            fraction = self.length.fraction(self.images)
-            last = stats.ended or fraction >= 1.0 or (not self.length.timed and epoch >= cfg.epochs)
-            row = {M.LR: lr if self.plateau else self.optimizer.param_groups[0]["lr"]}
-            if stats.images:  # a deadline can fall on an epoch boundary: nothing trained in this one
-                row |= {M.TRAIN_LOSS: stats.loss, M.TRAIN_ACCURACY: stats.accuracy,
-                        M.EPOCH_IMAGES_PER_SECOND: stats.images / stats.seconds if stats.seconds else 0.0}
-            if last or self._due(evaluated, fraction):
-                evaluated += 1
-                keep = self.plateau or last
-                val_loss, val_acc, probs, logits = self._evaluate()
-                row |= {M.VAL_LOSS: val_loss, M.VAL_ACCURACY: val_acc}
-                if self.plateau:
-                    self.scheduler.step(val_acc)
-                if keep and (not self.plateau or val_acc > best_acc):
-                    best_acc, best_epoch, best = val_acc, epoch, self._kept(probs, logits)
-            history.append(row)
+            row, last = self._epoch(epoch)
+            self.tally.history.append(row)
             if hasattr(epochs, "set_postfix"):
-                epochs.set_postfix(loss=f"{stats.loss:.3f}", best=f"{max(best_acc, 0):.3f}")
-            if self.report is not None:
-                try:
-                    self.report(epoch, row)
-                except StopTraining as stop:
-                    stop_reason = str(stop) or "stopped by a listener"
-                    if best is None:  # a listener stopped a decaying run early: its current weights
-                        _, best_acc, probs, logits = self._evaluate()
-                        best_epoch, best = epoch, self._kept(probs, logits)
-                    break
-            if last:
+                epochs.set_postfix(loss=f"{self.tally.epoch_stats[-1].loss:.3f}",
+                                   best=f"{max(self.tally.best_acc, 0):.3f}")
+            # In this order: a listener's stop first, then the run's end, then plateau's early stopping.
+            if not self._reported(epoch, row) or last or self._stops_early(epoch):
                 break
-            if self.plateau and cfg.early_stop_patience and epoch - best_epoch >= cfg.early_stop_patience:
-                stop_reason = "early_stopping"
-                break
-        assert best is not None
-        probs, logits, flipped, state = best
+        return self._result()
+
+    def _epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """One epoch of training, then an evaluation when due: (the epoch's row of metrics, whether it is
+        the run's last)."""
+        t = self.tally
+        lr = self.optimizer.param_groups[0]["lr"]
+        before = None if self.plateau and not self.length.timed else self._before_step
+        # Not kept on the run: _StepOptimizer points back at it, and a cycle would outlive the run until a gc pass.
+        step = TrainStep(self.model, _StepOptimizer(self), self.loss_fn, self.augment, self.device, self.precision)
+        stats = train_one_epoch(step, self.train_x, self.train_y, self.cfg.batch_size, self.random.cpu,
+                                self.progress, self.cfg.images_per_epoch, before)
+        self.images += stats.images
+        t.epoch_stats.append(stats)
+        t.train_seconds += stats.seconds
+        t.data_seconds += stats.data_seconds
+        fraction = self.length.fraction(self.images)
+        last = stats.ended or fraction >= 1.0 or (not self.length.timed and epoch >= self.cfg.epochs)
+        row = {M.LR: lr if self.plateau else self.optimizer.param_groups[0]["lr"]}
+        if stats.images:  # a deadline can fall on an epoch boundary: nothing trained in this one
+            row |= {M.TRAIN_LOSS: stats.loss, M.TRAIN_ACCURACY: stats.accuracy,
+                    M.EPOCH_IMAGES_PER_SECOND: stats.images / stats.seconds if stats.seconds else 0.0}
+        if last or self._due(t.evaluated, fraction):
+            row |= self._evaluate_epoch(epoch, keep=self.plateau or last)
+        return row, last
+
+    def _evaluate_epoch(self, epoch: int, keep: bool) -> dict[str, float]:
+        """Evaluate the selection split (stepping ``plateau``'s scheduler) and, when ``keep``, keep these
+        weights: ``plateau`` only when they are the best so far."""
+        t = self.tally
+        t.evaluated += 1
+        val_loss, val_acc, probs, logits = self._evaluate()
+        if self.plateau:
+            self.scheduler.step(val_acc)
+        if keep and (not self.plateau or val_acc > t.best_acc):
+            t.best_acc, t.best_epoch, t.best = val_acc, epoch, self._kept(probs, logits)
+        return {M.VAL_LOSS: val_loss, M.VAL_ACCURACY: val_acc}
+
+    def _reported(self, epoch: int, row: dict[str, float]) -> bool:
+        """Pass the epoch's row to the listener; False when it stops the run."""
+        if self.report is None:
+            return True
+        t = self.tally
+        try:
+            self.report(epoch, row)
+        except StopTraining as stop:
+            t.stop_reason = str(stop) or "stopped by a listener"
+            if t.best is None:  # a listener stopped a decaying run early: its current weights
+                _, t.best_acc, probs, logits = self._evaluate()
+                t.best_epoch, t.best = epoch, self._kept(probs, logits)
+            return False
+        return True
+
+    def _stops_early(self, epoch: int) -> bool:
+        """``plateau``'s early stopping: no better epoch for ``cfg.early_stop_patience`` epochs."""
+        patience = self.cfg.early_stop_patience
+        if self.plateau and patience and epoch - self.tally.best_epoch >= patience:
+            self.tally.stop_reason = "early_stopping"
+            return True
+        return False
+
+    def _result(self) -> FitResult:
+        t = self.tally
+        assert t.best is not None
+        probs, logits, flipped, state = t.best
         wall = self.clock() - self.started
         return FitResult(
             best_state=state,
-            best_epoch=best_epoch,
-            best_val_accuracy=best_acc,
-            epochs_run=len(history),
+            best_epoch=t.best_epoch,
+            best_val_accuracy=t.best_acc,
+            epochs_run=len(t.history),
             val_probs=probs.numpy().astype(np.float32),
             val_logits=logits.numpy().astype(np.float32),
             val_logits_flipped=flipped.numpy().astype(np.float32),
-            history=history,
-            train_seconds=train_seconds,
-            images_per_second=self.images / train_seconds if train_seconds else 0.0,
-            data_fraction=data_seconds / train_seconds if train_seconds else 0.0,
-            epoch_stats=epoch_stats,
-            stop_reason=stop_reason,
+            history=t.history,
+            train_seconds=t.train_seconds,
+            images_per_second=self.images / t.train_seconds if t.train_seconds else 0.0,
+            data_fraction=t.data_seconds / t.train_seconds if t.train_seconds else 0.0,
+            epoch_stats=t.epoch_stats,
+            stop_reason=t.stop_reason,
             device=str(self.device),
             precision=self.precision,
             images=self.images,
@@ -230,6 +256,22 @@ class _Run:
             wall_seconds=wall,
             kept="best epoch" if self.plateau else ("EMA of the weights" if self.ema is not None else "last weights"),
         )
+
+
+@dataclass
+class _Tally:
+    """What a run accumulates epoch by epoch: the metrics rows and timings, the count of evaluations, and
+    the weights it keeps so far (``best``: probabilities, logits, mirrored logits, host state)."""
+
+    stop_reason: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch_stats: list[EpochStats] = field(default_factory=list)
+    train_seconds: float = 0.0
+    data_seconds: float = 0.0
+    evaluated: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best: tuple | None = None
 
 
 class _StepOptimizer:

@@ -95,14 +95,26 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True, **kwargs)
 
 
-def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugmenter,
-                    optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batch_size: int,
-                    device: torch.device, precision: str, generator: torch.Generator,
-                    progress: bool = False, limit: int | None = None,
+@dataclass(frozen=True)
+class TrainStep:
+    """How one training step is made, the same for every epoch of a run: the batch is augmented, run
+    through ``model`` at ``precision`` on ``device``, scored by ``loss_fn`` and applied by ``optimizer``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    augment: BatchAugmenter
+    device: torch.device
+    precision: str
+
+
+def train_one_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                    generator: torch.Generator, progress: bool = False, limit: int | None = None,
                     before_step: Callable[[int], bool] | None = None) -> EpochStats:
     """One pass over the training images (over ``limit`` of them, drawn afresh, when given).
     ``before_step(images_seen_this_epoch)`` sets the step's learning rate and returns False when the
     run is over (a deadline): the epoch ends there, ``EpochStats.ended`` says so."""
+    model, optimizer, device, precision = step.model, step.optimizer, step.device, step.precision
     model.train()
     order = torch.randperm(len(labels), generator=generator)[:limit].to(images.device)
     n = len(order)
@@ -123,11 +135,11 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         t0 = time.perf_counter()
         x = images[idx].to(device, non_blocking=True)
         y = labels[idx].to(device, non_blocking=True)
-        x, target = augment(x, y)
+        x, target = step.augment(x, y)
         data_seconds += time.perf_counter() - t0
         with autocast(device, precision):
             logits = model(x)
-            loss = loss_fn(logits.float(), target)
+            loss = step.loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

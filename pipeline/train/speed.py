@@ -12,7 +12,7 @@ from ..data import BatchAugmenter, Dataset
 from ..models import build_model
 from ..rng import RunRandom, global_draws
 from .device import on_device, resolve_device, resolve_precision, synchronize
-from .loop import predict_logits, train_one_epoch
+from .loop import TrainStep, predict_logits, train_one_epoch
 
 
 def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
@@ -30,11 +30,11 @@ def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, t
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr)
     x, y = on_device(data.train.images, device), on_device(data.train.labels, device)
     batch = min(batch, train_cfg.batch_size, len(y))
+    step = TrainStep(model, optimizer, nn.CrossEntropyLoss(), augment, device, precision)
 
     def train(n: int) -> float:
         t0 = time.perf_counter()
-        train_one_epoch(model, x, y, augment, optimizer, nn.CrossEntropyLoss(), batch, device, precision,
-                        random.cpu, limit=n * batch)
+        train_one_epoch(step, x, y, batch, random.cpu, limit=n * batch)
         synchronize(device)
         return time.perf_counter() - t0
 

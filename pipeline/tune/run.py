@@ -212,8 +212,8 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | 
                                        session.audit.ids, data.classes, session.audit_info.source, client,
                                        resolve_device(session.preset.train.device))
             phase(3, f"{result.member_a.label} + {result.member_b.label} as a new version of {model_name}")
-            version = register_ensemble(client, result, data.classes, data.validation.images, data.digest,
-                                        model_name, audit, session.audit_info.spec, ids_digest(session.audit))
+            version = register_ensemble(client, result, data, model_name, audit, session.audit_info.spec,
+                                        ids_digest(session.audit))
     first.set_user_attr(keys.ENSEMBLE_FINGERPRINT, fingerprint)
     first.set_user_attr(keys.ENSEMBLE_VERSION, version)
     tracking.log_metrics(client, session.parent_run_id, {
