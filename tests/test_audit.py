@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import metrics as M
 from pipeline.config import DataConfig, load_preset
 from pipeline.data import DataError, load_dataset
-from pipeline.data.audit import partition
+from pipeline.data.roles import partition
 from pipeline.ensemble.calibration import calibrated, fit_temperature, log_softmax
 from pipeline.ensemble.search import calibrate, search
 from pipeline.metrics import ece, mcnemar, nll

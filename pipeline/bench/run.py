@@ -38,11 +38,11 @@ from ..config import DataConfig, Preset
 from ..data import Dataset
 from .ceiling import bench_ceiling
 from .compile import bench_compile
-from .inference import bench_inference
+from .inference_speed import bench_inference
 from .memory import bench_memory
 from .report import (check_targets, describe_ceiling, describe_compile, describe_data, describe_inference, describe_memory, describe_search,
                      describe_settings, describe_training, finite, format_table, log_bench_run)
-from .search import bench_search
+from .search_efficiency import bench_search
 from .settings import (REFERENCE_BATCH, BenchSettings, OptInSettings, bench_settings, load_bench_data, loadavg,
                        machine_info, subsample)
 from .training import bench_training

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import Preset
 from ..data import DataError, load_dataset, summarize
-from ..data.audit import partition
+from ..data.roles import partition
 from ..data.synth import synthesize
 from .options import SynthOptions
 

@@ -11,7 +11,7 @@ from .. import metrics as M
 from .. import tracking
 from ..config import Preset, flat_params, override, parse_duration
 from ..data import load_dataset
-from ..data.audit import partition
+from ..data.roles import partition
 from ..models import model_kwargs
 from ..progress import EpochLines, say
 from ..train import Deadline, build_and_fit, resolve_device

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from ..data.audit import ids_digest, partition
+from ..data.roles import ids_digest, partition
 from ..data.layout import DataError
 
 

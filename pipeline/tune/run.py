@@ -25,8 +25,8 @@ from optuna.trial import TrialState
 from .. import metrics as M
 from .. import tracking
 from ..config import Preset
-from ..data.audit import ids_digest
-from ..ensemble.audit import audit_ensemble
+from ..data.roles import ids_digest
+from ..ensemble.audit_scoring import audit_ensemble
 from ..ensemble.stage import build_ensemble, enough_candidates
 from ..progress import hushed, say
 from ..registry.register import register_ensemble

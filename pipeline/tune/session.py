@@ -16,7 +16,7 @@ import optuna
 from .. import tracking
 from ..config import Preset, flat_params, parse_duration
 from ..data import Dataset, Split, load_dataset
-from ..data.audit import AuditInfo, ids_digest, partition
+from ..data.roles import AuditInfo, ids_digest, partition
 from ..progress import duration
 from ..train import resolve_device
 from . import keys
