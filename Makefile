@@ -10,7 +10,7 @@ UI_PORT ?= 5000
 DASHBOARD_PORT ?= 8080
 OPTUNA_STORAGE ?= sqlite:///optuna.db
 
-.PHONY: demo test bench ui dashboard docs-images install mlproject clean-results
+.PHONY: demo test lint bench ui dashboard docs-images install mlproject clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Optional extras, each installed on first use of the target that needs it.
-$(VENV)/.dashboard-stamp $(VENV)/.docs-stamp: $(VENV)/.%-stamp: $(STAMP)
+$(VENV)/.dashboard-stamp $(VENV)/.docs-stamp $(VENV)/.lint-stamp: $(VENV)/.%-stamp: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[$*]'
 	@touch $@
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff with the rule set in pyproject.toml (the [lint] extra); CI runs it before the tests.
+lint: $(VENV)/.lint-stamp
+	$(VENV)/bin/ruff check .
 
 # Throughput, accuracy parity, hardware ceiling, inference and pruning figures (see README).
 BENCH_ARGS ?=

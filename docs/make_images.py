@@ -86,7 +86,7 @@ def seed(experiment_id: str, expand: tuple[str, ...] = ()) -> dict[str, str]:
              "mlflow.workflowType_v1": json.dumps("machine_learning")}
     if expand:
         key = f"MLflowLocalStorage-1.1-ExperimentPage-{json.dumps([experiment_id])}-ReactComponentState"
-        state[key] = json.dumps({"runsExpanded": {r: True for r in expand}})
+        state[key] = json.dumps({"runsExpanded": dict.fromkeys(expand, True)})
     return state
 
 
@@ -97,8 +97,8 @@ def shoot(browser, url: str, out: Path, wait_for: str | re.Pattern, storage: dic
     (how a GenAI-mode page would show). ``chart_search`` is typed into the chart view's search box
     (charts are alphabetical and only those on screen are drawn). Returns the page's text."""
     ctx = browser.new_context(viewport={**VIEWPORT, "height": height})
-    ctx.add_init_script("(s=>{for(const[k,v]of Object.entries(s))localStorage.setItem(k,v)})(%s)"
-                        % json.dumps(storage))
+    ctx.add_init_script("(s=>{for(const[k,v]of Object.entries(s))localStorage.setItem(k,v)})("
+                        + json.dumps(storage) + ")")
     page = ctx.new_page()
     try:
         page.goto(url, wait_until="networkidle")

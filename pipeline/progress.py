@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from . import metrics as M
 
@@ -116,7 +116,8 @@ class EpochLines:
         loss = values.get(M.TRAIN_LOSS)
         say(f"{self.label} epoch {epoch}" + (f"/{self.epochs}" if self.epochs else "")
             + (f" loss {loss:.3f}" if loss is not None else "") + f" val {pct(val)} best {pct(self.best)}"
-            + (f" lr {values[M.LR]:.2g}" if M.LR in values else "") + (f" {rate:.0f} img/s" if rate is not None else ""))
+            + (f" lr {values[M.LR]:.2g}" if M.LR in values else "")
+            + (f" {rate:.0f} img/s" if rate is not None else ""))
 
 
 class Counter:
@@ -140,7 +141,7 @@ class Counter:
         self.active = current == LINES
         self.start = self.last = clock()
 
-    def __enter__(self) -> "Counter":
+    def __enter__(self) -> Counter:
         return self
 
     def update(self, n: int = 1) -> None:

@@ -25,9 +25,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 INSTALL_HINT = ("PostgreSQL server binaries (initdb, postgres) not found: install them with "
                 "`apt-get install -y postgresql` (Debian/Ubuntu; they land in /usr/lib/postgresql/<version>/bin)")

@@ -206,7 +206,8 @@ def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
     chose = [r for r in runs if r.data.tags.get("kind") in ("trial", "ensemble")]
     assert len(chose) == 5  # a search trial and a refit per member, and the ensemble
     for run in chose:  # what each trial's epochs, pruning and top-k read, and the ensemble's search
-        npz = np.load(client.download_artifacts(run.info.run_id, M.PREDICTIONS_ARTIFACT, str(tmp_path / run.info.run_id)))
+        stored = client.download_artifacts(run.info.run_id, M.PREDICTIONS_ARTIFACT, str(tmp_path / run.info.run_id))
+        npz = np.load(stored)
         assert set(npz["ids"]) == selection and not set(npz["ids"]) & audit_ids
     ensemble = next(r for r in chose if r.data.tags["kind"] == "ensemble")
     assert ensemble.data.metrics[M.AUDIT_IMAGES] == len(audit_ids) == 10

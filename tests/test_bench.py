@@ -20,7 +20,6 @@ from pipeline.data.augment import BatchGeometric
 from pipeline.data.synth import synthesize
 
 
-
 @pytest.fixture(scope="module")
 def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``tiny`` synthetic preset: 32 px, 200 train / 50 validation images."""
@@ -45,7 +44,7 @@ def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
     lines: list[str] = []
     settings = replace(bench_settings(preset, epochs=1, archs="cnn_v1,deepfakenet", search_trials=3), max_train=32,
                        search_epochs=2, search_max_train=40, matmul_size=128, inference_reps=1)
-    out = run_bench(preset, settings, search_data=search_data, json_path=str(json_path), print_fn=lines.append)
+    run_bench(preset, settings, search_data=search_data, json_path=str(json_path), print_fn=lines.append)
 
     line = json.loads(lines[-1])  # the last printed line is the JSON line, identical to the file
     assert line == json.loads(json_path.read_text())
@@ -84,7 +83,7 @@ def test_bench_reports_every_section(tiny_synth: Path, tmp_path: Path) -> None:
     assert set(line["targets"]) >= {"cnn_v1_train_speedup_3x", "deepfakenet_data_fraction_below_10pct", "all_met",
                                      "inference_ratio_80pct", "pruning_half_epochs", "pruning_keeps_best_within_1pt"}
     assert all(isinstance(v, bool) for v in line["targets"].values())
-    assert any(l.startswith("figure") for l in lines)  # the table
+    assert any(line_.startswith("figure") for line_ in lines)  # the table
 
 
 def test_bench_skips_sections_and_rejects_unknown_ones(tiny_synth: Path, tmp_path: Path) -> None:

@@ -7,16 +7,23 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
+from workers import FakeClock
 
 from pipeline.config import ConfigError, DataConfig, ModelConfig, TrainConfig, parse_duration
 from pipeline.data import load_dataset
 from pipeline.train import build_and_fit
-from pipeline.tune.budget import (Budget, EpochBudget, MemberStats, admits, choose_member, epoch_estimates,
-                                  projected_epoch)
+from pipeline.tune.budget import (
+    Budget,
+    EpochBudget,
+    MemberStats,
+    admits,
+    choose_member,
+    epoch_estimates,
+    projected_epoch,
+)
 from pipeline.tune.keys import EPOCH_SECONDS
 from pipeline.tune.session import TuneError, session_budget
 from pipeline.tune.warm_start import warm_start
-from workers import FakeClock
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -144,13 +151,13 @@ def test_admission_in_a_session_follows_the_shared_clock_and_the_measured_epochs
     search run is admitted while most of it ends before the search phase does, and not after."""
     from dataclasses import replace
 
-    from pipeline.tune.plan import Plan
     import mlflow
     import yaml
     from conftest import make_competition_dataset
 
     from pipeline.config import load_preset
     from pipeline.tune import open_session
+    from pipeline.tune.plan import Plan
     from pipeline.tune.workers import admit_trial
 
     root = make_competition_dataset(tmp_path / "d", size=16, counts={"train": 2, "validation": 2}, test_count=2,

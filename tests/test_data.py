@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import (
     TINY_CLASSES,
     TINY_COUNTS,
@@ -31,6 +29,8 @@ from conftest import (
     write_csv,
     write_png,
 )
+from PIL import Image
+
 from pipeline.config import DataConfig
 from pipeline.data import BatchAugmenter, DataError, Normalizer, load_dataset, summarize
 from pipeline.data.augment import NORMALIZATION, POLICIES, build_policy

@@ -25,7 +25,7 @@ PACKAGE = PROJECT_DIR / "pipeline"
 # Data flow, in import order: a module may import its own stage and the stages before it.
 STAGES = ["config", "data", "models", "train", "tracking", "ensemble", "registry", "tune", "bench", "commands", "cli"]
 LEAVES = {"pipeline.metrics", "pipeline.interrupt", "pipeline.faults", "pipeline.rng", "pipeline.ensemble.rules",
-          "pipeline.ensemble"}  # import nothing of the package (the ensemble package's __init__ neither): free to import
+          "pipeline.ensemble"}  # import nothing of the package (the ensemble __init__ neither): free to import
 NO_TRACKING_OR_SEARCH = ("pipeline.config", "pipeline.data", "pipeline.models", "pipeline.train")
 
 
@@ -163,6 +163,47 @@ def test_no_function_is_longer_than_a_screen():
     over = {name: node.end_lineno - node.lineno + 1 for name, node in _functions()
             if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES and name not in LONG_BY_DESIGN}
     assert not over, over
+
+
+# Imports belong at the top of a module; these are deferred into the function that needs them, each
+# for its reason: a heavy or optional library ...
+DEFERRED_LIBRARIES = {
+    "matplotlib": "pyplot and a backend take ~1 s; only drawing a figure needs them",
+    "sklearn": "~1 s to import; only evaluation reports and the SVM baseline",
+    "scipy": "only calibration and the McNemar test",
+    "torchvision": "~0.5 s; only decoding, resizing and the reference loop",
+    "pandas": "only model payloads and tables",
+    "mlflow.pyfunc": "the model-serving stack (~1.5 s); only loading or saving a model",
+    "mlflow.data": "dataset sources pull in pandas; only logging a dataset input",
+    "tqdm": "bars, only on a terminal",
+    "sqlalchemy": "only PostgreSQL's advisory locks",
+    "torch": "pipeline/faults.py: only when a CUDA out-of-memory is injected",
+}
+# ... or a module whose imports are all deferred on purpose.
+DEFERRED_MODULES = {
+    "pipeline/ensemble/pyfunc.py": "model code MLflow loads in the server: the package loads with the model",
+    "pipeline/bench/": "each section imports what it measures: a skipped section costs nothing",
+    "pipeline/cli/rss_probe.py": "measures a command's own memory: imports it after the baseline",
+}
+
+
+def test_an_import_inside_a_function_has_its_reason():
+    def name(node: ast.AST) -> str:
+        if isinstance(node, ast.Import):
+            return node.names[0].name
+        return "." * node.level + (node.module or "")
+
+    unexplained = []
+    for where, function in _functions():
+        path = where.split(":")[0]
+        if any(path.startswith(m) for m in DEFERRED_MODULES):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = name(node)
+                if not any(module == lib or module.startswith(lib + ".") for lib in DEFERRED_LIBRARIES):
+                    unexplained.append(f"{where}: {module}")
+    assert not unexplained, unexplained
 
 
 def test_no_module_name_means_two_things():

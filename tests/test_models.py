@@ -19,7 +19,6 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.models import MODELS, VGG16, arch_args, build_model, count_parameters, load_pretrained
 
-
 ARCHS = list(MODELS)
 BLOCK_ARCHS = [a for a in ARCHS if "convs_per_block" in arch_args(a)]
 
@@ -51,7 +50,7 @@ def _biases_feeding_batchnorm(model: nn.Module) -> set[int]:
     found: set[int] = set()
     for seq in model.modules():
         if isinstance(seq, nn.Sequential):
-            for a, b in zip(seq, list(seq)[1:]):
+            for a, b in zip(seq, list(seq)[1:], strict=False):
                 if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and a.bias is not None:
                     found.add(id(a.bias))
     return found

@@ -16,7 +16,16 @@ import pytest
 from conftest import cli_env
 from mlflow.tracking import MlflowClient
 from pg import missing_binaries, mlflow_server, postgres_server
-from workers import THREADS, assert_one_session, finish, load_trials, session_runs, start_worker, tune_args, write_preset
+from workers import (
+    THREADS,
+    assert_one_session,
+    finish,
+    load_trials,
+    session_runs,
+    start_worker,
+    tune_args,
+    write_preset,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -71,7 +80,7 @@ def test_two_workers_on_postgresql_and_an_mlflow_server(postgres, tracking_serve
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     started = time.monotonic()
     workers = [start_worker(tune_args(preset, "scale", storage), tmp_path, log, **env) for log in logs]
-    outs = [finish(w, log) for w, log in zip(workers, logs)]
+    outs = [finish(w, log) for w, log in zip(workers, logs, strict=True)]
     seconds = time.monotonic() - started
     assert [w.returncode for w in workers] == [0, 0], outs
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from conftest import read_csv_rows, write_csv
 
+from pipeline.commands.predict_command import ModelLoadError, write_csv_atomic, write_submission
 from pipeline.config import DataConfig
 from pipeline.data import DataError
-from pipeline.commands.predict_command import ModelLoadError, write_csv_atomic, write_submission
 
 CHALLENGER_URI = "models:/deepfake-ensemble@challenger"
 

@@ -31,10 +31,18 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as M
 from pipeline.config import DataConfig
 from pipeline.data import DataError
-from pipeline.registry.promote import (ALREADY_CHAMPION, KEPT, PROMOTED, PromotionError, PromotionRule, ScoringOptions,
-                                       decide, promote)
-from pipeline.registry.scoring import Score, Scored
+from pipeline.registry.promote import (
+    ALREADY_CHAMPION,
+    KEPT,
+    PROMOTED,
+    PromotionError,
+    PromotionRule,
+    ScoringOptions,
+    decide,
+    promote,
+)
 from pipeline.registry.register import log_ensemble_model
+from pipeline.registry.scoring import Score, Scored
 
 NAME = "deepfake-ensemble"
 EXPERIMENT = "promotions"
@@ -61,7 +69,7 @@ def relabel(data: Path, dst: Path, labels: np.ndarray) -> Path:
     """A copy of the dataset whose test split carries ``labels``."""
     shutil.copytree(data, dst)
     ids = [row["image_id"] for row in read_csv_rows(data / "test.csv")]
-    write_csv(dst / "test.csv", [(i, int(y)) for i, y in zip(ids, labels)])
+    write_csv(dst / "test.csv", [(i, int(y)) for i, y in zip(ids, labels, strict=True)])
     return dst
 
 

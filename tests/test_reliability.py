@@ -17,15 +17,24 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import seed_store
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from conftest import seed_store
-from workers import (assert_one_session, finish, load_trials, mid_trial, session_runs, start_worker, tune_args,
-                     wait_for, write_preset)
+from workers import (
+    assert_one_session,
+    finish,
+    load_trials,
+    mid_trial,
+    session_runs,
+    start_worker,
+    tune_args,
+    wait_for,
+    write_preset,
+)
 
-from pipeline.tune.workers import run_search
 from pipeline import metrics as M
 from pipeline.train.checkpoint import load_checkpoint
+from pipeline.tune.workers import run_search
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -189,7 +198,6 @@ def test_failed_trials_cost_one_trial_each_and_are_never_retried_even_on_a_slow_
     failing stale trials; trial 1's artifact upload fails (test hook). The heartbeat beats until a
     trial is told, so nobody takes them for lost: each is FAIL once with its reason, never re-queued
     (a diverging configuration would diverge again), and the study goes on to its budget."""
-    from pipeline import tune
 
     monkeypatch.setenv("DEEPFAKE_TUNE_FAULT", "slow_tracking@cnn_v1#0,artifact_failure@cnn_v1#1")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -221,10 +229,9 @@ def test_a_trial_another_worker_already_failed_is_closed_and_the_worker_goes_on(
     When it then reports (``study.tell`` would raise) or writes mid-trial, the trial is left as the
     other worker set it, the run is closed FAILED saying why, and the worker goes on. The retries
     keep the original trial's parameters and seed."""
-    from pipeline import tracking, tune
-    from pipeline.tune.trial import Outcome, conclude
+    from pipeline import tracking
     from pipeline.tune.keys import RUN as RUN_ATTR
-    from pipeline.tune.trial import run_trial
+    from pipeline.tune.trial import Outcome, conclude, run_trial
     from pipeline.tune.workers import admit_trial
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -381,7 +388,7 @@ def test_two_workers_started_at_once_on_sqlite_run_exactly_the_budget(small_data
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     started = time.monotonic()
     workers = [start_worker(tune_args(preset, "pair", storage), tmp_path, log) for log in logs]
-    outs = [finish(w, log) for w, log in zip(workers, logs)]
+    outs = [finish(w, log) for w, log in zip(workers, logs, strict=True)]
     seconds = time.monotonic() - started
     assert [w.returncode for w in workers] == [0, 0], outs
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 from conftest import make_competition_dataset, make_learnable
+from workers import FakeClock
 
 from pipeline import metrics as M
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, load_preset
@@ -15,7 +16,6 @@ from pipeline.data import load_dataset
 from pipeline.models import build_model
 from pipeline.train import Deadline, fit, lr_factor
 from pipeline.train.schedule import RunLength
-from workers import FakeClock
 
 
 def test_linear_and_cosine_warm_up_then_reach_zero_at_the_end():
@@ -93,7 +93,7 @@ def test_a_deadline_ends_the_run_within_one_step_with_its_schedule_near_zero(lea
     # The last step's rate: the schedule's at 30/30.5 of the run, (1 - 30/30.5) / 0.9 of the peak at
     # most (the reserve ends the run a little earlier, so the rate is a little lower).
     assert 0 < lrs[-1] <= 2e-3 * (1 - 30 / 30.5) / 0.9 + 1e-12
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # down every epoch after the warm-up
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))  # down every epoch after the warm-up
     assert result.best_epoch == 6  # the last weights are the model
 
 

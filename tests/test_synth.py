@@ -64,9 +64,9 @@ def test_splits_are_balanced_shuffled_and_complete(tiny: tuple[Path, synth.Synth
     for split in SPLITS:
         rows = read_rows(out, split)
         per_class = PRESETS["tiny"].per_class(split)
-        assert Counter(label for _, label in rows) == {c: per_class for c in range(NUM_CLASSES)}
+        assert Counter(label for _, label in rows) == dict.fromkeys(range(NUM_CLASSES), per_class)
         labels = [label for _, label in rows]
-        changes = sum(x != y for x, y in zip(labels, labels[1:]))
+        changes = sum(x != y for x, y in zip(labels, labels[1:], strict=False))
         assert changes > len(rows) // 2, f"{split} rows look grouped by class"
         for image_id, _ in rows:
             assert str(uuid.UUID(image_id)) == image_id

@@ -10,12 +10,11 @@ import torch
 from conftest import make_learnable, seed_store
 
 from pipeline import metrics as M
-from pipeline.train.checkpoint import ModelInterface, load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data import load_dataset
 from pipeline.models import build_model
 from pipeline.train import DeviceError, class_weight_tensor, fit, predict_probs, resolve_device, resolve_precision
-
+from pipeline.train.checkpoint import ModelInterface, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +64,8 @@ def test_plateau_keeps_best_state_not_last(learnable, tmp_path):
 
 # Every randomness path of a run: per-image geometric draws, v2 colour transforms and CutMix/MixUp
 # (global-generator draws), shuffling, Dropout and Dropout2d masks, weight init.
-THREAD_RUNS = {"geometric": dict(augment="geometric"),
-               "color-mix": dict(augment="color", cutmix_alpha=1.0, mixup_alpha=0.4)}
+THREAD_RUNS = {"geometric": {"augment": "geometric"},
+               "color-mix": {"augment": "color", "cutmix_alpha": 1.0, "mixup_alpha": 0.4}}
 
 
 def _thread_run(root: Path, tmp: Path, name: str, seed: int):
@@ -91,8 +90,11 @@ def test_runs_are_repeatable_and_independent_of_other_threads(learnable, tmp_pat
     assert torch.equal(torch.random.get_rng_state(), before)  # no global reseeding, no global draws
 
     together: dict = {}
-    threads = [threading.Thread(target=lambda n=name, s=seed: together.update({n: _thread_run(learnable, tmp_path, n, s)}))
-               for seed, name in enumerate(THREAD_RUNS)]
+
+    def run(name: str, seed: int) -> None:
+        together[name] = _thread_run(learnable, tmp_path, name, seed)
+
+    threads = [threading.Thread(target=run, args=(name, seed)) for seed, name in enumerate(THREAD_RUNS)]
     torch.manual_seed(999)  # whatever the global state, the runs do not see it
     for t in threads:
         t.start()
@@ -314,7 +316,7 @@ def test_train_under_mlflow_run_logs_into_the_launchers_run(learnable, tmp_path,
     stored = np.load(local / M.PREDICTIONS_ARTIFACT)
     assert stored["probs"].shape == (40, 5) and len(stored["ids"]) == 40
     report = __import__("json").loads((local / M.REPORT_JSON).read_text())
-    assert set(["0", "1", "2", "3", "4", "macro avg"]) <= set(report)
+    assert {"0", "1", "2", "3", "4", "macro avg"} <= set(report)
     dataset = run.inputs.dataset_inputs[0].dataset
     assert '"train": 120' in dataset.profile and dataset.digest
 

@@ -22,12 +22,12 @@ from optuna.trial import TrialState
 from PIL import Image
 from workers import load_trials, write_preset
 
-from pipeline.tune.workers import run_search
 from pipeline import metrics as M
 from pipeline.config import Choice, DataConfig, ModelConfig, Range, SearchSpace, TrainConfig
 from pipeline.config.space import default_space
 from pipeline.ensemble.rules import RULES
 from pipeline.tune import suggest
+from pipeline.tune.workers import run_search
 
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
               pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")]
@@ -89,7 +89,8 @@ def test_tune_under_mlflow_run_logs_one_parent_with_nested_trials(tuned):
     assert len(top) == 1
     parent = top[0]
     assert parent.data.tags["kind"] == "tune-session"
-    assert parent.data.tags["mlflow.source.type"] == "PROJECT" and parent.data.tags["mlflow.project.entryPoint"] == "tune"
+    assert parent.data.tags["mlflow.source.type"] == "PROJECT"
+    assert parent.data.tags["mlflow.project.entryPoint"] == "tune"
     assert parent.info.status == "FINISHED"
     assert parent.data.params["n_jobs"] == "2"  # the launcher's entry-point parameter ...
     assert parent.data.params["session.study"] == "e2e"  # ... and the session's own, side by side
@@ -108,7 +109,7 @@ def test_tune_under_mlflow_run_logs_one_parent_with_nested_trials(tuned):
         runs_of = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in study.trials]  # trial -> run
         # n_jobs 2: the member's two trials ran at the same time, in two threads.
         assert max(r.info.start_time for r in runs_of) < min(r.info.end_time for r in runs_of)
-        for t, run in zip(study.trials, runs_of):
+        for t, run in zip(study.trials, runs_of, strict=True):
             assert run.data.tags["optuna.study"] == f"e2e.{arch}"  # run -> trial
             assert run.data.tags["optuna.trial"] == str(t.number)
             assert run.info.status == "FINISHED"
@@ -225,7 +226,7 @@ def test_registered_model_serves_what_was_searched(tuned, tmp_path, monkeypatch)
     expected = _vote(tags["method"], float(tags["weight"]), *members)
 
     index = index_dataset(tuned.data)
-    paths = dict(zip(index.splits["validation"].ids, index.splits["validation"].paths))
+    paths = dict(zip(index.splits["validation"].ids, index.splits["validation"].paths, strict=True))
     out = model.predict(pd.DataFrame({"image": [paths[i].read_bytes() for i in ids]}))
     assert list(out.columns) == ["label", *[f"prob_{i}" for i in range(5)]]
     probs = out[[f"prob_{i}" for i in range(5)]].to_numpy()
@@ -290,7 +291,9 @@ def test_registered_model_votes_its_members_and_resizes_any_png_or_jpeg(tuned, t
         assert data_cfg.normalize == "half"  # the tiny preset's: x / 255 scaled to [-1, 1]
         tta, temperature = tags[f"tta_{side}"], float(tags[f"temperature_{side}"])
         with torch.no_grad():
-            logits = lambda x: net((x.float() / 255 - 0.5) / 0.5).numpy()  # noqa: E731
+            def logits(x: torch.Tensor, net: torch.nn.Module = net) -> np.ndarray:
+                return net((x.float() / 255 - 0.5) / 0.5).numpy()
+
             member_probs.append(_member(logits(resized), logits(resized.flip(-1)), tta, temperature))
             one = decoded[3][None]
             unresized.append(_member(logits(one), logits(one.flip(-1)), tta, temperature))

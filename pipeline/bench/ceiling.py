@@ -14,6 +14,7 @@ from ..models import build_model
 from ..train import bf16_supported, synchronize
 from .settings import REFERENCE_BATCH, BenchSettings
 
+
 def matmul_flops(n: int, dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
     """Best-of-``reps`` FLOP/s of an n x n x n matmul (2 n^3 FLOPs)."""
     a = torch.randn(n, n, device=device).to(dtype)

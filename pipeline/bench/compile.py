@@ -88,7 +88,7 @@ def bench_compile(archs: tuple[str, ...], num_classes: int, shape: tuple[int, in
             fig = _measure(model, mode, x, y, device, precision, steps)
             fig["train_speedup"] = fig["train_images_per_second"] / eager["train_images_per_second"]
             fig["eval_speedup"] = fig["eval_images_per_second"] / eager["eval_images_per_second"]
-            fig["max_loss_difference"] = max(abs(a - b) for a, b in zip(fig["losses"], eager["losses"]))
+            fig["max_loss_difference"] = max(abs(a - b) for a, b in zip(fig["losses"], eager["losses"], strict=False))
             same = fig["max_loss_difference"] <= LOSS_TOLERANCE
             fig["adopt_train"] = bool(same and fig["train_speedup"] >= ADOPT_SPEEDUP)
             fig["adopt_eval"] = bool(same and fig["eval_speedup"] >= ADOPT_SPEEDUP)

@@ -6,8 +6,9 @@ import logging
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from ..data.layout import index_dataset
 from ..train import build_and_fit, predict_probs, synchronize
 from .settings import DEFAULT_ARCHS, BenchSettings
 from .training import bench_train_config
+
 
 def train_members(data: Dataset, data_cfg: DataConfig, base: TrainConfig, settings: BenchSettings,
                   archs: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
@@ -91,10 +93,10 @@ def bench_inference(data: Dataset, data_cfg: DataConfig, base: TrainConfig, sett
                     model_uri: str | None) -> dict[str, Any]:
     """Pyfunc ``predict`` on a DataFrame of PNG bytes (decode included) against the members' raw
     forward passes on preloaded uint8 tensors (same device, precision and batch size)."""
-    from ..ensemble.request import decode_request_image
-
     import mlflow.pyfunc
     import pandas as pd
+
+    from ..ensemble.request import decode_request_image
 
     if model_uri is None:
         if len(members) < 2:
@@ -121,8 +123,9 @@ def bench_inference(data: Dataset, data_cfg: DataConfig, base: TrainConfig, sett
     forward_s = 0.0
     for member in ensemble.members:
         batch = member.prepare(images).to(device)
-        forward_s += _median_seconds(lambda: predict_probs(member.model, batch, member.normalizer, device,
-                                                           member.precision, ensemble.batch_size),
+        forward_s += _median_seconds(lambda member=member, batch=batch: predict_probs(
+                                         member.model, batch, member.normalizer, device, member.precision,
+                                         ensemble.batch_size),
                                      settings.inference_reps, device)
     return {"model_uri": model_uri, "images": n, "precision": ensemble.members[0].precision,
             "batch_size": ensemble.batch_size,

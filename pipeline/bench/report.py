@@ -9,6 +9,7 @@ import numpy as np
 
 from .settings import TARGETS, WITHIN, BenchSettings
 
+
 def check_targets(out: dict[str, Any]) -> dict[str, Any]:
     targets: dict[str, Any] = {}
     for arch, fig in out.get("training", {}).items():
@@ -38,7 +39,8 @@ def describe_settings(s: BenchSettings, machine: dict[str, Any]) -> str:
     return (f"bench: data {s.data_root}, image size {s.image_size or 'native'}, archs {','.join(s.archs)}, "
             f"{s.epochs} epochs, batch {s.batch_size}, max train {s.max_train or 'all'}, seed {s.seed}, "
             f"device {s.device}, our precision {s.precision}; search {s.search_trials} trials x "
-            f"{s.search_epochs} epochs ({s.search_pruner} vs none, warm-up {s.search_warmup or 'preset'}); skip {','.join(s.skip) or '-'}; "
+            f"{s.search_epochs} epochs ({s.search_pruner} vs none, warm-up {s.search_warmup or 'preset'}); "
+            f"skip {','.join(s.skip) or '-'}; "
             f"{machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads, load {machine['loadavg_start']}")
 
 
@@ -111,7 +113,8 @@ def format_table(out: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str, str]] = []
     for arch, fig in out.get("training", {}).items():
         r, o = fig.get("reference", {}), fig.get("ours", {})
-        ratio = lambda key: _fmt(fig.get(key), ".2f") + "x" if key in fig else "-"  # noqa: E731
+        def ratio(key: str, fig: dict = fig) -> str:
+            return _fmt(fig.get(key), ".2f") + "x" if key in fig else "-"
         rows += [
             (f"{arch} train img/s (1 epoch)", _fmt(r.get("train_images_per_second")),
              _fmt(o.get("train_images_per_second")), ratio("train_speedup")),
@@ -142,7 +145,8 @@ def format_table(out: dict[str, Any]) -> str:
         m = out["memory"]
         rows.append(("tune worker peak RSS MiB " + " / ".join(p for p in ("cold", "warm") if p in m), "-",
                      " / ".join(f"{m[p]['VmHWM'] / 2**20:.0f}" for p in ("cold", "warm") if p in m),
-                     f"target < {TARGETS['peak_rss_bytes'] / 2**20:.0f}; cache {m['cache_bytes'] / 2**20:.0f} MiB mapped"))
+                     f"target < {TARGETS['peak_rss_bytes'] / 2**20:.0f}; "
+                     f"cache {m['cache_bytes'] / 2**20:.0f} MiB mapped"))
     for arch, row in out.get("compile", {}).get("archs", {}).items():
         for mode in out["compile"]["modes"]:
             f = row[mode]
@@ -170,7 +174,7 @@ def format_table(out: dict[str, Any]) -> str:
                      f"{s['total_epoch_ratio']:.2f}"))
     header = ("figure", "reference / baseline", "ours", "ratio / note")
     widths = [max(len(str(row[k])) for row in [header, *rows]) for k in range(4)]
-    line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
     targets = ", ".join(f"{k}={_fmt(v)}" for k, v in out["targets"].items())
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows),
                       f"targets: {targets}",

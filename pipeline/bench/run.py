@@ -28,9 +28,10 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,15 +41,37 @@ from .ceiling import bench_ceiling
 from .compile import bench_compile
 from .inference_speed import bench_inference
 from .memory import bench_memory
-from .report import (check_targets, describe_ceiling, describe_compile, describe_data, describe_inference, describe_memory, describe_search,
-                     describe_settings, describe_training, finite, format_table, log_bench_run)
+from .report import (
+    check_targets,
+    describe_ceiling,
+    describe_compile,
+    describe_data,
+    describe_inference,
+    describe_memory,
+    describe_search,
+    describe_settings,
+    describe_training,
+    finite,
+    format_table,
+    log_bench_run,
+)
 from .search_efficiency import bench_search
-from .settings import (REFERENCE_BATCH, BenchSettings, OptInSettings, bench_settings, load_bench_data, loadavg,
-                       machine_info, subsample)
+from .settings import (
+    NO_OPT_IN,
+    REFERENCE_BATCH,
+    BenchSettings,
+    OptInSettings,
+    bench_settings,
+    load_bench_data,
+    loadavg,
+    machine_info,
+    subsample,
+)
 from .training import bench_training
 
+
 def run_bench(preset: Preset, settings: BenchSettings | None = None, *, search_data: DataConfig | None = None,
-              model_uri: str | None = None, opt_in: OptInSettings = OptInSettings(), json_path: str | None = None,
+              model_uri: str | None = None, opt_in: OptInSettings = NO_OPT_IN, json_path: str | None = None,
               experiment: str | None = None, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every section not in ``settings.skip`` and those in ``settings.also`` (``settings`` defaults to
     ``bench_settings(preset)``); returns the figures. ``search_data``: the search section's data (default
@@ -129,7 +152,7 @@ class _Sections:
         self.out["training"] = {}
         members: dict[str, dict[str, torch.Tensor]] = {}
         for arch in s.archs if {"reference", "ours"} - set(s.skip) else ():
-            figures, state = self.timed(f"training_{arch}", lambda: bench_training(
+            figures, state = self.timed(f"training_{arch}", lambda arch=arch: bench_training(
                 arch, train_data, self.data_cfg, self.preset.train, s, s.skip))
             self.out["training"][arch] = figures
             if state is not None:

@@ -12,6 +12,7 @@ from ..data import Dataset, load_dataset
 from ..train import build_and_fit
 from .settings import WITHIN, BenchSettings, subsample
 
+
 def bench_search(settings: BenchSettings, search_data: DataConfig | None) -> dict[str, Any]:
     """Two real Optuna studies on the embedded dataset (the ``demo`` preset's data, space and trainer),
     same TPE seed and trial count: ``search_pruner`` against no pruning."""

@@ -69,6 +69,9 @@ class OptInSettings:
     compile_steps: int = 10
 
 
+NO_OPT_IN = OptInSettings()  # the default run's: every opt-in knob at its default
+
+
 def bench_settings(preset: Preset, *, epochs: int | None = None, archs: str | None = None,
                    search_trials: int | None = None, skip: str | None = None, also: str | None = None) -> BenchSettings:
     """The settings of a bench on ``preset``'s data, device, precision, seed and lr, with the command's
@@ -135,6 +138,6 @@ def subsample(data: Dataset, n: int | None, seed: int, multiple: int = 1) -> tup
 
 def reference_paths(data: Dataset) -> tuple[list[Path], list[int], list[Path], list[int]]:
     index = index_dataset(data.root)
-    by_id = dict(zip(index.splits["train"].ids, index.splits["train"].paths))
+    by_id = dict(zip(index.splits["train"].ids, index.splits["train"].paths, strict=True))
     val = index.splits["validation"]
     return ([by_id[i] for i in data.train.ids], data.train.labels.tolist(), list(val.paths), list(val.labels))

@@ -18,6 +18,7 @@ from ..models import build_model
 from ..train import autocast, build_and_fit, evaluate, seed_everything, synchronize
 from .settings import REFERENCE_BATCH, BenchSettings, reference_paths
 
+
 def bench_training(arch: str, data: Dataset, data_cfg: DataConfig, base: TrainConfig, settings: BenchSettings,
                    skipped: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Reference and ours for one architecture: throughput, data fraction and accuracy parity."""

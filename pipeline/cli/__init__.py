@@ -1,5 +1,6 @@
 """Argument parsing only: each command maps its flags onto the preset and its options, then makes
-one call into ``pipeline/commands/`` (``command_table.COMMANDS``). Flags are derived from the declared settings (``flags``)."""
+one call into ``pipeline/commands/`` (``command_table.COMMANDS``). Flags are derived from the
+declared settings (``flags``)."""
 
 from __future__ import annotations
 

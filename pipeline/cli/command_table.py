@@ -12,8 +12,17 @@ import importlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..commands.options import (BaselineOptions, BenchOptions, CommonOptions, PredictOptions, ProgressOptions,
-                                PromoteOptions, SynthOptions, TrainOptions, TuneOptions)
+from ..commands.options import (
+    BaselineOptions,
+    BenchOptions,
+    CommonOptions,
+    PredictOptions,
+    ProgressOptions,
+    PromoteOptions,
+    SynthOptions,
+    TrainOptions,
+    TuneOptions,
+)
 from ..config import SECTIONS, Preset, load_preset, override
 from ..models import MODELS
 from .flags import Flag, flags_of
@@ -87,14 +96,16 @@ AUDIT = ("data.audit_fraction", "data.audit_min_per_class")  # how the audit spl
 # predict writes a file, not a run (no tracking.experiment).
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
-    Command("data synth", "write the embedded synthetic dataset", (), SynthOptions, "data_command:synth", common=False, progress=False,
+    Command("data synth", "write the embedded synthetic dataset", (), SynthOptions, "data_command:synth",
+            common=False, progress=False,
             extras={"options.out": ("data",)}),
     Command("data inspect", "validate a dataset and print a summary", (*DATA_AT, *AUDIT, "data.image_size"), None,
             "data_command:inspect", names={"data.synth_preset": "preset", "data.synth_seed": "seed"}),
     Command("train", "train one architecture as one MLflow run",
             ("data.*", "model.*", "train.*", "study.time_budget", "tracking.*"), TrainOptions, "train_command:main"),
     Command("baseline", "SVM (RBF) on flattened standardised pixels, logged like a training run",
-            (*DATA_AT, "data.image_size", "train.seed", "tracking.*"), BaselineOptions, "baseline_command:main", progress=False),
+            (*DATA_AT, "data.image_size", "train.seed", "tracking.*"), BaselineOptions, "baseline_command:main",
+            progress=False),
     Command("tune", "Optuna member studies, ensemble search, registration",
             ("data.*", "model.*", "-model.arch", "train.*", "study.*", "tracking.*"), TuneOptions, "tune_command:main"),
     Command("promote", "move @champion to @challenger on evidence",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+from urllib.parse import urlsplit
 
 from ..config import ConfigError
+from ..data import DataError
 
 # Raised by libraries the commands use, for conditions outside the program: by module and class name.
 LIBRARY_ERRORS = (("mlflow.exceptions", "MlflowException"), ("optuna.exceptions", "OptunaError"),
@@ -28,16 +30,12 @@ def _library_error(exc: BaseException) -> bool:
 
 
 def user_error(exc: BaseException) -> bool:
-    from ..data import DataError
-
     return isinstance(exc, (ConfigError, DataError, ValueError, RuntimeError, OSError)) or _library_error(exc)
 
 
 def one_line(exc: BaseException, *urls: str | None) -> str:
     """``exc``'s message on one line (at most ``MAX_CHARS``), without the password of any of ``urls``
     or of ``MLFLOW_TRACKING_URI``. A library's error is named by its type (``MlflowException: …``)."""
-    from urllib.parse import urlsplit
-
     text = " ".join((str(getattr(exc, "message", None) or exc).strip() or type(exc).__name__).split())
     if _library_error(exc) and not text.startswith(type(exc).__name__):
         text = f"{type(exc).__name__}: {text}"

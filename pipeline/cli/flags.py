@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 from ..config import SECTIONS
 from ..config.fields import choices_of, help_of, on_cli

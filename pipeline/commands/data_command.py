@@ -12,8 +12,9 @@ from .options import SynthOptions
 
 def synth(preset: Preset, opts: SynthOptions, progress: bool) -> int:
     summary = synthesize(opts.out, opts.preset, opts.seed)
-    print(f"wrote {summary.preset} dataset to {summary.out}: " + ", ".join(f"{k} {v}" for k, v in summary.counts.items())
-          + f" ({summary.image_size}x{summary.image_size}) in {summary.seconds:.2f}s")
+    counts = ", ".join(f"{k} {v}" for k, v in summary.counts.items())
+    print(f"wrote {summary.preset} dataset to {summary.out}: {counts} ({summary.image_size}x{summary.image_size}) "
+          f"in {summary.seconds:.2f}s")
     return 0
 
 

@@ -17,11 +17,18 @@ import numpy as np
 
 from .. import tracking
 from ..config import DataConfig, Preset
+from ..data.dataset import ensure_default_data
 from ..data.layout import index_dataset
 from ..progress import say
+from ..registry.inference import (  # noqa: F401
+    ModelLoadError,
+    load_model,
+    predict_images,
+    probability_columns,
+    read_images,
+    select_split,
+)
 from .options import PredictOptions
-from ..registry.inference import (ModelLoadError, load_model, predict_images, probability_columns,  # noqa: F401
-                                  read_images, select_split)
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,6 @@ def write_submission(data_cfg: DataConfig, uri: str, out: str | os.PathLike, spl
                      device: str | None = None) -> Submission:
     """Predict every image of ``split`` with the model at ``uri`` and write ``image_id,label``
     (plus ``prob_0..`` with ``probabilities``) in the split's own order (``test.csv`` order)."""
-    from ..data.dataset import ensure_default_data
-
     start = time.perf_counter()
     out = Path(out)
     if out.is_dir():

@@ -10,11 +10,12 @@ import torch
 from .. import metrics as M
 from .. import tracking
 from ..config import Preset, flat_params, override, parse_duration
-from ..data import load_dataset
+from ..data import Normalizer, load_dataset
 from ..data.roles import partition
-from ..models import model_kwargs
+from ..metrics import wilson
+from ..models import build_model, model_kwargs
 from ..progress import EpochLines, say
-from ..train import Deadline, build_and_fit, resolve_device
+from ..train import Deadline, build_and_fit, predict_probs, resolve_device
 from ..train.schedule import Clock
 from .options import TrainOptions
 
@@ -77,11 +78,6 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
 
 def audit_accuracy(result, preset: Preset, audit, device) -> dict[str, float]:
     """The best epoch's accuracy on the audit images, which neither the epoch choice nor early stopping read."""
-    from ..data import Normalizer
-    from ..metrics import wilson
-    from ..models import build_model
-    from ..train import predict_probs
-
     model = build_model(preset.model)
     model.load_state_dict(result.best_state)
     model = model.to(device, memory_format=torch.channels_last)

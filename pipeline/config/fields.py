@@ -7,8 +7,9 @@ The CLI flags and the ``MLproject`` parameters are derived from these fields (``
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import MISSING, field, fields
-from typing import Any, Callable
+from typing import Any
 
 
 class ConfigError(ValueError):

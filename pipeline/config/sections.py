@@ -7,6 +7,7 @@ as plain dicts (``asdict``), so a result can always be traced back to the settin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..ensemble.rules import RULES  # a leaf table (numpy only): the voting rules config validates against
@@ -215,8 +216,6 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": 
 
 def parse_duration(text: str) -> float:
     """``30m``, ``2h``, ``1h30m``, ``90s`` or plain seconds -> seconds."""
-    import re
-
     spec = str(text).strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", spec):
         seconds = float(spec)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Any
 
 from .fields import ConfigError
 
@@ -48,7 +49,7 @@ class Choice:
         return "one of " + ", ".join(map(str, self.values))
 
 
-Distribution = Union[Range, Choice]
+Distribution = Range | Choice
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from ..config import DEFAULT_DATA, DataConfig
 from .cache import default_cache_dir, load_images
 from .layout import DataError, DatasetIndex, index_dataset
+from .synth import synthesize
 
 
 @dataclass
@@ -75,8 +76,6 @@ def ensure_default_data(cfg: DataConfig) -> None:
     """The default root is generated on first use, so every command works on a fresh clone."""
     root = Path(cfg.root)
     if cfg.root == DEFAULT_DATA and not root.exists():
-        from .synth import synthesize
-
         summary = synthesize(root, cfg.synth_preset, cfg.synth_seed)
         print(f"generated the synthetic dataset ({cfg.synth_preset}) in {root} "
               f"in {summary.seconds:.1f}s")
@@ -130,7 +129,7 @@ def content_digest(classes: tuple[str, ...], splits: dict[str, Split]) -> str:
         if split.labels is None:
             continue
         labels = split.labels.tolist() if split.labels is not None else [-1] * len(split)
-        rows = sorted(f"{row.tobytes().hex()}:{label}" for row, label in zip(split.hashes, labels))
+        rows = sorted(f"{row.tobytes().hex()}:{label}" for row, label in zip(split.hashes, labels, strict=True))
         h.update(f"|{name}:{len(rows)}|".encode() + "\n".join(rows).encode())
     return h.hexdigest()[:16]
 
@@ -144,7 +143,8 @@ def summarize(dataset: Dataset) -> str:
     ]
     for split in dataset.splits.values():
         counts = split.counts(dataset.num_classes)
-        per_class = ", ".join(f"{c}:{n}" for c, n in zip(dataset.classes, counts)) if counts else "unlabelled"
+        per_class = (", ".join(f"{c}:{n}" for c, n in zip(dataset.classes, counts, strict=True)) if counts
+                     else "unlabelled")
         lines.append(f"{split.name:<10}{len(split):>6} images  [{per_class}]")
     for split in dataset.splits.values():
         state = "hit" if split.cache_hit else "written"

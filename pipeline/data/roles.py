@@ -75,7 +75,7 @@ def choose_audit_rows(split: Split, fraction: float, min_per_class: int) -> np.n
     """Rows of ``split`` in the audit set: per class, the ``k`` images with the smallest pixel hash."""
     labels = split.labels.numpy()
     counts = audit_counts(labels, fraction, min_per_class, split.name)
-    keys = [row.tobytes() + image_id.encode() for row, image_id in zip(split.hashes, split.ids)]
+    keys = [row.tobytes() + image_id.encode() for row, image_id in zip(split.hashes, split.ids, strict=True)]
     chosen = []
     for cls, k in counts.items():
         rows = np.flatnonzero(labels == cls)
@@ -111,5 +111,5 @@ def ids_digest(split: Split | None) -> str:
     """Content digest of an audit set (its pixel hashes and labels), to tell two audit sets apart."""
     if split is None:
         return "none"
-    rows = sorted(f"{h.tobytes().hex()}:{y}" for h, y in zip(split.hashes, split.labels.tolist()))
+    rows = sorted(f"{h.tobytes().hex()}:{y}" for h, y in zip(split.hashes, split.labels.tolist(), strict=True))
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]

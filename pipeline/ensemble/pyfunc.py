@@ -6,20 +6,21 @@ The model rebuilds both networks from their checkpoints (``weights_only=True``) 
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import mlflow.pyfunc
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from ..config import EVAL_BATCH, NUM_CLASSES
-from .request import decode_request_image, invalid_input
 from .calibration import calibrated, variant_logprobs
+from .request import decode_request_image, invalid_input
 from .rules import combine
 
 
@@ -89,7 +90,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.method = spec["method"]
         self.classes = spec["classes"]
         self.members = []
-        for key, member in zip(("member_a", "member_b"), spec["members"]):
+        for key, member in zip(("member_a", "member_b"), spec["members"], strict=False):
             # model_config may override the recorded precision (e.g. "fp32" everywhere)
             precision = str(config.get("precision") or member.get("precision") or spec.get("precision", "fp32"))
             self.members.append(Member(context.artifacts[key], self.device, precision, member.get("tta", "none"),
@@ -126,8 +127,6 @@ def write_spec(path: Path, weight: float, method: str, classes: list[str], membe
 
 
 def pip_requirements() -> list[str]:
-    import importlib.metadata as md
-
     pins = []
     for name in ("torch", "torchvision", "mlflow", "pandas", "numpy", "scipy", "pillow", "pyyaml", "scikit-learn",
                  "tqdm"):

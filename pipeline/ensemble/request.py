@@ -6,10 +6,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import warnings
 from typing import Any
 
 import torch
 from mlflow.exceptions import MlflowException
+from PIL import Image, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image; larger payloads are refused before decoding
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -23,10 +28,6 @@ def invalid_input(message: str) -> MlflowException:
 def _header_size(value: bytes) -> tuple[int, int]:
     """(width, height) from the file header alone; (0, 0) when the header is unreadable (decoding
     then reports the problem)."""
-    import io
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -44,9 +45,6 @@ def decode_request_image(value: Any, row: int) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
 
     if isinstance(value, str):
-        import base64
-        import binascii
-
         try:
             value = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):

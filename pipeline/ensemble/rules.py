@@ -6,7 +6,7 @@ imported by config (to validate ``study.ensemble_method``), the search and the s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -62,7 +62,7 @@ def calibrate(logits: list[np.ndarray], flipped: list[np.ndarray | None], labels
     """Every candidate under every available variant, with its fitted temperature."""
     variants = VARIANTS if all(f is not None for f in flipped) else ("none",)
     views = {}
-    for c, (z, zf) in enumerate(zip(logits, flipped)):
+    for c, (z, zf) in enumerate(zip(logits, flipped, strict=True)):
         for v in variants:
             logp = variant_logprobs(z, zf, v)
             t = fit_temperature(logp, labels)

@@ -5,13 +5,15 @@ images are a ``DataError`` naming the file), then predicted in batches."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
+from ..data.cache import decode_one
 from ..data.layout import DataError, DatasetIndex, SplitIndex
 from ..progress import Counter
 
@@ -35,8 +37,6 @@ def read_images(paths: Sequence[Path], workers: int = READ_WORKERS, progress: bo
                 desc: str = "read and check") -> list[bytes]:
     """Each file's encoded bytes, after the dataset layer has decoded it once: an unreadable image is
     a ``DataError`` naming the file, raised before any model is loaded."""
-    from ..data.cache import decode_one
-
     def read(path: Path) -> bytes:
         try:
             blob = path.read_bytes()
@@ -56,7 +56,6 @@ def read_images(paths: Sequence[Path], workers: int = READ_WORKERS, progress: bo
 def load_model(uri: str, device: str | None = None):
     """``mlflow.pyfunc.load_model`` with an error that names the URI (and the usual fix)."""
     import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
 
     config = {"device": device} if device else None
     try:

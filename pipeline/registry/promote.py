@@ -14,9 +14,13 @@ import time
 from dataclasses import dataclass, replace
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from .. import metrics as M
 from .. import tracking
+from ..data.dataset import ensure_default_data
+from ..metrics import mcnemar
+from .inference import read_images
 from .register import CHALLENGER, CHAMPION
 from .scoring import PromotionError, Scored, ScoringSet, audit_spec_of, check_comparable, score_version, scoring_set
 
@@ -105,7 +109,8 @@ class Decision:
             for role, scored in (("challenger", self.challenger), ("champion", self.champion)):
                 if scored is not None:
                     low, high = scored.score.interval
-                    lines.append(f"  {role:<10} v{scored.score.version:<4} accuracy {100 * scored.score.accuracy:6.2f}% "
+                    lines.append(f"  {role:<10} v{scored.score.version:<4} "
+                                 f"accuracy {100 * scored.score.accuracy:6.2f}% "
                                  f"[{100 * low:.1f}, {100 * high:.1f}]  macro-F1 {100 * scored.macro_f1:6.2f}%")
         prefix = "dry run: would " if self.dry_run else ""
         if self.outcome == ALREADY_CHAMPION:
@@ -130,8 +135,6 @@ class Decision:
 
 def current_aliases(client, model_name: str) -> tuple[str, str | None]:
     """(challenger version, champion version or None)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         model = client.get_registered_model(model_name)
     except MlflowException as exc:
@@ -150,8 +153,6 @@ def current_aliases(client, model_name: str) -> tuple[str, str | None]:
 def decide(challenger: Scored, champion: Scored | None, min_gain: float, alpha: float,
            force: bool) -> tuple[str, str, Evidence | None]:
     """(outcome, reason, evidence). Both were scored on the same images, so the comparison is paired."""
-    from ..metrics import mcnemar
-
     if champion is None:
         return PROMOTED, "no champion yet", None
     mine, theirs = challenger.score, champion.score
@@ -180,9 +181,6 @@ def promote(data_cfg, model_name: str = "deepfake-ensemble", rule: PromotionRule
     counts and p; on promotion the alias and the tags ``promoted_at``, ``previous_champion`` and
     ``promotion_score`` on the new champion, ``superseded_by`` on the old one.
     """
-    from ..data.dataset import ensure_default_data
-    from .inference import read_images
-
     client = tracking.client()
     tracking.check_tracking(client)
     challenger_v, champion_v = current_aliases(client, model_name)

@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
+from ..data import load_dataset
+from ..data.layout import DataError, index_dataset
 from ..data.roles import ids_digest, partition
-from ..data.layout import DataError
+from ..metrics import macro_f1, wilson
+from .inference import load_model, predict_images
 
 
 class PromotionError(RuntimeError):
@@ -48,8 +51,6 @@ class Score:
 
     @property
     def interval(self) -> tuple[float, float]:
-        from ..metrics import wilson
-
         return wilson(self.right, self.images)
 
 
@@ -79,9 +80,6 @@ def check_comparable(name: str, challenger: tuple[str, dict], champion: tuple[st
 def scoring_set(data_cfg: DataConfig, split: str | None, audit_spec: str | None) -> ScoringSet:
     """The images both versions are scored on: ``split`` if named, else the audit split the versions'
     session drew (a labelled test split, or the same part of validation, by content)."""
-    from ..data import load_dataset
-    from ..data.layout import index_dataset
-
     data = load_dataset(data_cfg)
     index = index_dataset(data_cfg.root)
     if split is None:
@@ -100,7 +98,7 @@ def scoring_set(data_cfg: DataConfig, split: str | None, audit_spec: str | None)
     if chosen.labels is None:
         raise DataError(f"{index.splits[source].source}: the {source} split has no labels, so it cannot score a model; "
                         "name a labelled split (--split validation) or dataset (--data)")
-    by_id = dict(zip(index.splits[source].ids, index.splits[source].paths))
+    by_id = dict(zip(index.splits[source].ids, index.splits[source].paths, strict=True))
     return ScoringSet(name, honest, list(chosen.ids), [by_id[i] for i in chosen.ids], chosen.labels.numpy(),
                       data.num_classes, data.digest, ids_digest(chosen))
 
@@ -117,9 +115,6 @@ def _audit_config(cfg: DataConfig, spec: str | None) -> DataConfig:
 
 def score_version(model_name: str, version: str, blobs: list[bytes], labels: np.ndarray, num_classes: int,
                   batch_size: int = 256, device: str | None = None, progress: bool = False) -> Scored:
-    from ..metrics import macro_f1
-    from .inference import load_model, predict_images
-
     model = load_model(f"models:/{model_name}/{version}", device)
     predicted = predict_images(model, blobs, batch_size, progress, desc=f"score v{version}")["label"].to_numpy()
     onehot = np.eye(num_classes)[predicted]

@@ -16,10 +16,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
+from mlflow import get_tracking_uri
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
 
 # MLflow's SQL store sets up a loader strategy that SQLAlchemy 2.1 deprecates (shown with -W default).
 warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
@@ -71,8 +71,6 @@ PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOF
 
 def check_tracking(mlflow_client: MlflowClient) -> None:
     """Fail fast, before any training, when the tracking store is unusable."""
-    from mlflow import get_tracking_uri
-
     uri = get_tracking_uri()
     remote = uri.startswith(("http://", "https://"))
     saved = {k: os.environ.get(k) for k in PROBE_ENV} if remote else {}
@@ -188,7 +186,7 @@ class run_guard:
             else:
                 set_tags(self.client, self.run_id, {"error": f"{exc_type.__name__}: {exc}"[:5000]})
                 end_run(self.client, self.run_id, "FAILED")
-        except Exception:  # noqa: BLE001 - never hide the original error behind a logging one
+        except Exception:
             if exc_type is None:
                 raise
         return False

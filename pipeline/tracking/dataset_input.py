@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
 
 def log_dataset(mlflow_client: MlflowClient, run_id: str, data) -> None:
-    import warnings
-
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
 
     class _ImageDataset(MetaDataset):
         # MetaDataset carries no profile; the split sizes belong in the UI's dataset panel.
@@ -28,4 +27,5 @@ def log_dataset(mlflow_client: MlflowClient, run_id: str, data) -> None:
     dataset = _ImageDataset(source, name=Path(data.root).name,
                             digest=data.digest)
     entity = dataset._to_mlflow_entity()
-    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])])
+    context = InputTag("mlflow.data.context", "training")
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[context])])

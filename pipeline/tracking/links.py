@@ -14,9 +14,13 @@ URI (without credentials), else ``http://127.0.0.1:5000`` (``make ui``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from urllib.parse import quote, urlsplit, urlunsplit
+
+import mlflow
+from mlflow.tracking import MlflowClient
 
 from .. import metrics as M
 from .client import PARENT_TAG
@@ -31,8 +35,6 @@ def ui_base(tracking_uri: str | None = None) -> str:
     if override:
         return override.rstrip("/")
     if tracking_uri is None:
-        import mlflow
-
         tracking_uri = mlflow.get_tracking_uri()
     parts = urlsplit(tracking_uri)
     if parts.scheme in ("http", "https"):
@@ -107,10 +109,6 @@ def latest_session(client, experiment: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Print the latest session's links (``make ui`` runs this before starting the UI)."""
-    import argparse
-
-    import mlflow
-    from mlflow.tracking import MlflowClient
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking.links", description=main.__doc__)
     parser.add_argument("--experiment", default="deepfake")

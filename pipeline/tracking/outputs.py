@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from mlflow.tracking import MlflowClient
 
 from .. import metrics as M
 from ..config import DataConfig, ModelConfig, TrainConfig
+from ..train.checkpoint import ModelInterface, save_checkpoint
 from .client import log_metrics, set_tags
 
 
@@ -96,8 +97,6 @@ def per_class_metrics(report: dict, classes: tuple[str, ...]) -> dict[str, float
 def log_training_outputs(mlflow_client: MlflowClient, run_id: str, result, data, model_cfg: ModelConfig,
                          data_cfg: DataConfig, train_cfg: TrainConfig) -> dict:
     """Summary metrics and artifacts of one finished ``fit``: what ensembles and the UI need."""
-    from ..train.checkpoint import ModelInterface, save_checkpoint
-
     y_val = data.validation.labels.numpy()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

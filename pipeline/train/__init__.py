@@ -5,8 +5,20 @@ every command shares (``recipe``). Imports neither MLflow nor Optuna."""
 
 from .device import DeviceError, autocast, bf16_supported, resolve_device, resolve_precision, synchronize
 from .fit import fit
-from .loop import (EpochStats, FitResult, NonFiniteLossError, Report, StopTraining, TrainStep, class_weight_tensor,
-                   evaluate, predict_logits, predict_probs, seed_everything, train_one_epoch)
+from .loop import (
+                   EpochStats,
+                   FitResult,
+                   NonFiniteLossError,
+                   Report,
+                   StopTraining,
+                   TrainStep,
+                   class_weight_tensor,
+                   evaluate,
+                   predict_logits,
+                   predict_probs,
+                   seed_everything,
+                   train_one_epoch,
+)
 from .recipe import build_and_fit
 from .schedule import Deadline, lr_factor
 

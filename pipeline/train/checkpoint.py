@@ -53,7 +53,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal or corruption is the same problem
         raise ValueError(f"{path}: not a loadable checkpoint ({exc})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a deepfake-tune checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a deepfake-tune checkpoint (format {found})")
     return ckpt
 
 

@@ -21,8 +21,18 @@ from ..config import DataConfig, TrainConfig
 from ..data import BatchAugmenter, Dataset
 from ..rng import RunRandom, seeded_dropout
 from .device import on_device, resolve_device, resolve_precision
-from .loop import (EpochStats, FitResult, Report, StopTraining, TrainStep, _progress, class_weight_tensor, evaluate,
-                   predict_logits, train_one_epoch)
+from .loop import (
+    EpochStats,
+    FitResult,
+    Report,
+    StopTraining,
+    TrainStep,
+    _progress,
+    class_weight_tensor,
+    evaluate,
+    predict_logits,
+    train_one_epoch,
+)
 from .schedule import Deadline, RunLength, lr_factor
 
 
@@ -140,7 +150,8 @@ class _Run:
         flipped = predict_logits(self.network, self.val_x, self.augment.normalizer, self.device, self.precision,
                                  self.cfg.eval_batch_size, flip=True)
         self.eval_seconds += self.clock() - t0
-        return probs, logits, flipped, {k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()}
+        return probs, logits, flipped, weights
 
     def _due(self, evaluated: int, fraction: float) -> bool:
         """An intermediate evaluation at this epoch boundary: every epoch with ``plateau`` (it needs

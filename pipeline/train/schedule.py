@@ -12,8 +12,8 @@ Pure functions and an injectable clock: the tests drive it without training anyt
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 Clock = Callable[[], float]
 

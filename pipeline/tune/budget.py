@@ -13,8 +13,8 @@ Everything here takes the clock as an argument (``time.time`` in use, a fake in 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import optuna
 

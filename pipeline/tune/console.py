@@ -4,12 +4,12 @@ measured on."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import mlflow
 import optuna
 from optuna.trial import TrialState
-
-from dataclasses import dataclass
-from typing import Any
 
 from .. import metrics as M
 from ..ensemble.stage import EnsembleResult
@@ -112,7 +112,7 @@ def print_summary(summary: TuneSummary) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     print(f"\n{summary.audit_note}")
     outcome = summary.ensemble
     if outcome is not None:

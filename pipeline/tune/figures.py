@@ -51,7 +51,7 @@ def epoch_curves(studies: dict[str, optuna.Study], title: str, path: Path) -> bo
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(studies), figsize=(5.2 * len(studies), 4), sharey=True, squeeze=False)
-    for ax, (arch, study) in zip(axes[0], studies.items()):
+    for ax, (arch, study) in zip(axes[0], studies.items(), strict=False):
         trials = [t for t in study.get_trials(deepcopy=False, states=DRAWN) if t.intermediate_values]
         complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
         best = max(complete, key=lambda t: t.value).number if complete else None
@@ -97,7 +97,7 @@ def params_figure(studies: dict[str, optuna.Study], title: str, path: Path) -> b
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows), sharey=True, squeeze=False)
     colors = {arch: plt.get_cmap("tab10")(i) for i, arch in enumerate(studies)}
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         dist = dists[name]
         categorical = isinstance(dist, CategoricalDistribution)
         for arch, t, score in points[name]:

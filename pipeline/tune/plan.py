@@ -60,7 +60,7 @@ class Plan:
         return asdict(self)
 
     @staticmethod
-    def from_dict(values: dict) -> "Plan":
+    def from_dict(values: dict) -> Plan:
         values = dict(values)
         values["final_members"] = tuple(values["final_members"])
         values["reasons"] = tuple(values.get("reasons", ()))
@@ -190,7 +190,7 @@ class _Budgeting:
         shortest = min(self.passes(final_seconds, chosen).values())
         rung = max(self.settings.min_rung_passes, math.ceil(self.settings.rung_fraction * shortest))
         searching = sorted(set(chosen), key=self.members.index)
-        configs = {a: 0 for a in self.members}
+        configs = dict.fromkeys(self.members, 0)
         for arch in searching:
             one = (rung * pass_seconds(self.speeds[arch], self.train_images)
                    + run_overhead(self.speeds[arch], self.selection_images))
@@ -201,7 +201,7 @@ class _Budgeting:
               label: str) -> tuple[str | None, float, dict[str, int]]:
         """(why the option is refused or None, rung passes, configurations per member)."""
         if final_seconds >= self.usable(chosen):
-            return None, 0.0, {a: 0 for a in self.members}
+            return None, 0.0, dict.fromkeys(self.members, 0)
         short = min(self.passes(final_seconds, chosen).values())
         if short < self.settings.final_min_passes:
             return (f"not {label}: its final runs would get {short:.1f} passes, under the "

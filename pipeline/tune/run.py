@@ -14,9 +14,10 @@ import contextlib
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 from optuna import visualization
@@ -34,9 +35,9 @@ from ..train import resolve_device
 from . import keys
 from .budget import Clock
 from .candidates import candidate_fingerprint, load_candidates
+from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_summary
 from .figures import log_session_figures
 from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
-from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_summary
 from .session import Session, open_session, session_budget
 from .storage import storage_lock
 from .trial import best_effort

@@ -6,8 +6,9 @@ so a new searched setting is one preset line. Models never see a trial.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 

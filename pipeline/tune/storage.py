@@ -15,8 +15,8 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import optuna
@@ -93,7 +93,7 @@ def retry(action, attempts: int = 5, delay: float = 0.5):
     for attempt in range(attempts):
         try:
             return action()
-        except Exception:  # noqa: BLE001 - the last attempt re-raises whatever it was
+        except Exception:
             if attempt == attempts - 1:
                 raise
             time.sleep(delay * (attempt + 1) + (os.getpid() % 7) * 0.05)
@@ -140,7 +140,7 @@ class Heartbeat:
                 pass
             self.stop.wait(self.interval)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         if heartbeat_enabled(self.storage):
             self.thread.start()
         return self

@@ -16,8 +16,8 @@ SIGINT/SIGTERM, FAIL/KILLED, re-queued with the same parameters, and re-raised. 
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import optuna
 import torch

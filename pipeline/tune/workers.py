@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 from .. import tracking
 from . import keys
 from .budget import MemberStats, admits, choose_member, epoch_estimates, projected_epoch
+from .console import trial_finished
 from .keys import FINISHED, is_refit
 from .phases import search_epochs, search_run_fits
-from .console import trial_finished
 from .session import Session, TuneError, sampler
 from .storage import heartbeat_enabled, storage_lock
 from .trial import run_trial, trial_configs
