@@ -34,7 +34,7 @@ from .budget import EpochBudget, final_deadline
 from .phases import refit_start, search_epochs, waiting_finals
 from .pruners import PruningReporter
 from .session import WORKER, Session
-from .storage import Heartbeat, heartbeat_enabled
+from .storage import Heartbeat, heartbeat_enabled, retry
 
 
 @dataclass
@@ -48,11 +48,12 @@ class Outcome:
     lost: bool = False  # another worker finished the trial while this one ran it
 
 
-def best_effort(*actions: Callable[[], object]) -> None:
-    """Bookkeeping that must not hide the outcome: each action is tried, a failing one is skipped."""
+def best_effort(*actions: Callable[[], object], attempts: int = 1) -> None:
+    """Bookkeeping that must not hide the outcome: each action is tried (``attempts`` times), a
+    failing one is skipped."""
     for action in actions:
         try:
-            action()
+            retry(action, attempts=attempts, delay=0.2)
         except Exception:  # noqa: BLE001 - record what we can; the storage stays consistent
             pass
 
@@ -250,10 +251,12 @@ def close_run(session: Session, run_id: str, state: TrialState, outcome: Outcome
                     lambda: tracking.end_run(client, run_id, "KILLED"))
     else:
         status = "KILLED" if outcome.interrupted else "FAILED"
+        # An interrupt can land mid-write to the tracking store (its connection still busy for a
+        # moment): the run's closing writes are retried, so it is not left RUNNING.
         best_effort(lambda: tracking.set_tags(client, run_id, {
                         "optuna.state": "FAIL", "error": reason[:5000],
                         **({"stopped_by": "interrupt"} if outcome.interrupted else {})}),
-                    lambda: tracking.end_run(client, run_id, status))
+                    lambda: tracking.end_run(client, run_id, status), attempts=3 if outcome.interrupted else 1)
 
 
 def lost(session: Session, arch: str, trial: optuna.Trial, run_id: str | None) -> TrialState:
