@@ -20,7 +20,7 @@ from pipeline import metrics as M
 from pipeline.config import DataConfig, load_preset
 from pipeline.data import DataError, load_dataset
 from pipeline.data.roles import partition
-from pipeline.ensemble.calibration import calibrated, fit_temperature, log_softmax
+from pipeline.ensemble.calibration import best_temperature, calibrated, fit_temperature, log_softmax
 from pipeline.ensemble.search import calibrate, search
 from pipeline.metrics import ece, mcnemar, nll
 from pipeline.registry.promote import KEPT, PROMOTED, decide
@@ -109,6 +109,26 @@ def test_calibration_lowers_the_audit_nll_of_an_over_confident_member():
     assert nll(after, y_audit) < 0.8 * nll(before, y_audit)
     assert ece(after, y_audit) < ece(before, y_audit)
     assert (after.argmax(1) == before.argmax(1)).all()  # a temperature never changes the answer
+
+
+def test_a_temperature_the_held_out_images_do_not_support_is_not_applied():
+    """Ten selection images: nine right with a margin of 3, one wrong with the same margin. On all ten
+    the NLL-minimising temperature is not 1; fitted on the folds without the wrong image it sharpens
+    to the limit, which makes that image's NLL enormous: cross-fitted, calibration does not pay, so
+    the member keeps T = 1."""
+    labels = np.arange(10) % 5
+    logits = np.zeros((10, 5))
+    logits[np.arange(10), labels] = 3.0
+    logits[9] = 0.0
+    logits[9, (labels[9] + 1) % 5] = 3.0  # the wrong one, as confident
+    logp = log_softmax(logits)
+    assert abs(best_temperature(logp, labels) - 1.0) > 0.05  # a plain fit would move it
+    assert fit_temperature(logp, labels) == 1.0
+    # The same member on 600 images, five times too sharp: the held-out folds agree, T is applied.
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, 600)
+    over = log_softmax(5 * _informative(rng, y, 1.5))
+    assert fit_temperature(over, y) == pytest.approx(best_temperature(over, y)) and fit_temperature(over, y) > 2
 
 
 def _search(logits, labels, step=0.05):
