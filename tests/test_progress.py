@@ -195,3 +195,13 @@ def test_a_tune_prints_no_warnings(tuned):
     when we call it, and anything our own code triggers)."""
     found = re.findall(r"^.*\b\w*Warning\b.*$", tuned.output, re.M)
     assert not found, found
+
+
+def test_a_tune_prints_no_mlflow_info_lines(tuned):
+    """MLflow's INFO lines (a store's tables created, an input example validated) are its bookkeeping,
+    not the session's progress: the command hides them unless MLFLOW_LOGGING_LEVEL asks. The `mlflow
+    run` launcher's own lines (mlflow.projects, before our process starts) are MLflow's to print."""
+    found = [line for line in tuned.output.splitlines()
+             if re.search(r"\bINFO mlflow\.", line) and "INFO mlflow.projects" not in line]
+    assert not found, found
+    assert "[3/3] registration" in tuned.output  # the session's own lines are still there

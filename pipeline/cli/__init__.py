@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise
+    # MLflow's INFO lines (creating a store's tables, validating an input example) are its own
+    # bookkeeping, not the command's progress: shown only when MLFLOW_LOGGING_LEVEL asks for them.
+    # Read when mlflow is first imported, which the command does after this.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     install_sigterm()
     values: dict = {}
     try:
