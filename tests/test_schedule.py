@@ -147,3 +147,22 @@ def test_train_uses_its_budget_without_going_over(tmp_path, tracking_here):
     run = MlflowClient().get_run(outcome.run_id)
     assert run.data.tags["stop_reason"] == "deadline"
     assert run.data.metrics[M.EPOCHS_RUN] > 2  # the budget, not train.epochs, set the length
+
+
+def test_a_budget_too_small_to_train_says_so(tmp_path, tracking_here, capsys):
+    """A budget that the data loading and the reserved evaluations use up trains no image, and the
+    command says why instead of logging a model that never learned as if it were a result."""
+    from pipeline.commands.train_command import run_training
+
+    root = make_competition_dataset(tmp_path / "d", size=16, counts={"train": 4, "validation": 6}, test_count=10,
+                                    test_labels=True)
+    preset = load_preset("tiny")
+    preset = replace(preset, data=replace(preset.data, root=str(root), cache_dir=str(tmp_path / "c")),
+                     train=replace(preset.train, device="cpu"), study=replace(preset.study, time_budget="5s"))
+    outcome = run_training(preset, "budget", progress=False, clock=FakeClock(0.0, 0.2))
+    assert outcome.summary[M.TRAIN_IMAGES] == 0
+    assert "left no time to train" in capsys.readouterr().err
+    # With a minute the same run trains and says nothing of the kind.
+    preset = replace(preset, study=replace(preset.study, time_budget="60s"))
+    outcome = run_training(preset, "budget", progress=False, clock=FakeClock(0.0, 0.2))
+    assert outcome.summary[M.TRAIN_IMAGES] > 0 and "left no time" not in capsys.readouterr().err

@@ -66,6 +66,11 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
                                deadline=deadline)
         summary = tracking.log_training_outputs(client, run_id, result, data, preset.model, preset.data,
                                                 preset.train)
+        if deadline is not None and not summary.get(M.TRAIN_IMAGES):
+            say(f"note: the time budget ({preset.study.time_budget}) left no time to train: loading the data and "
+                f"the evaluations it reserves ({len(data.validation)} selection images twice"
+                + (f", {len(roles.audit)} audit images" if roles.audit is not None else "")
+                + ") took all of it; give a longer --time-budget")
         tracking.set_tags(client, run_id, {"precision": result.precision, "stop_reason": result.stop_reason,
                                            "audit_split": roles.info.spec, "kept_weights": result.kept})
         if roles.audit is not None:
