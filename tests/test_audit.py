@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 from pipeline import metrics as M
 from pipeline.config import DataConfig, load_preset
 from pipeline.data import DataError, load_dataset
-from pipeline.data.roles import partition
+from pipeline.data.roles import ids_digest, partition
 from pipeline.ensemble.calibration import best_temperature, calibrated, fit_temperature, log_softmax
 from pipeline.ensemble.search import calibrate, search
 from pipeline.metrics import ece, mcnemar, nll
@@ -89,6 +90,119 @@ def test_a_labelled_test_split_is_the_audit_split_and_small_classes_are_refused(
         partition(load_dataset(_cfg(unlabelled, tmp_path)), _cfg(unlabelled, tmp_path))
     off = partition(load_dataset(_cfg(unlabelled, tmp_path)), _cfg(unlabelled, tmp_path, audit_fraction=0))
     assert off.audit is None and "in-sample" in off.info.describe()
+
+
+def test_the_audit_split_per_class_is_the_fraction_rounded_up_at_least_the_minimum_at_most_half(tmp_path):
+    """25 validation images a class: ceil(fraction x 25), at least the minimum, at most 12 (half); a class
+    with too few images is refused by name. Counts chosen at the boundaries of each rule."""
+    root = make_competition_dataset(tmp_path / "d", counts={"train": 1, "validation": 25}, test_count=2)
+    data = load_dataset(_cfg(root, tmp_path))
+
+    def audited(fraction: float, minimum: int, dataset=data) -> list[int]:
+        roles = partition(dataset, _cfg(root, tmp_path, audit_fraction=fraction, audit_min_per_class=minimum))
+        assert len(roles.data.validation) + len(roles.audit) == len(dataset.validation)
+        return np.bincount(roles.audit.labels.numpy(), minlength=5).tolist()
+
+    assert 0.28 * 25 > 7  # 7.000000000000001 in floating point...
+    assert audited(0.28, 1) == [7] * 5  # ... but 28 % of 25 is 7, not 8
+    assert audited(0.27, 1) == [7] * 5  # 6.75 -> 7
+    assert audited(0.29, 1) == [8] * 5  # 7.25 -> 8
+    assert audited(0.28, 7) == [7] * 5  # the minimum equals the fraction's count
+    assert audited(0.28, 8) == [8] * 5  # the minimum is above it: the minimum
+    assert audited(0.01, 2) == [2] * 5  # 0.25 -> 1, below the minimum of 2
+    assert audited(0.48, 1) == [12] * 5  # exactly half (25 // 2): allowed
+    with pytest.raises(DataError, match="class 0 has 25 validation images, too few for an audit split of 13"):
+        audited(0.49, 1)  # 12.25 -> 13, more than half
+    with pytest.raises(DataError, match="class 0 has 25 validation images, too few for an audit split of 13"):
+        audited(0.1, 13)  # the minimum alone is more than half
+
+    # Class 3 with 7 images (7 // 2 = 3 may be audited): 40 % is 2.8 -> 3, allowed; 48 % is 3.36 -> 4,
+    # refused, and the error names class 3 (every other class, 12 of 25, passes).
+    rows = read_csv_rows(root / "validation.csv")
+    dropped = [r["image_id"] for r in rows if r["label"] == "3"][:18]
+    write_csv(root / "validation.csv", [(r["image_id"], r["label"]) for r in rows if r["image_id"] not in dropped])
+    uneven = load_dataset(_cfg(root, tmp_path))
+    assert audited(0.4, 1, uneven) == [10, 10, 10, 3, 10]
+    with pytest.raises(DataError, match="class 3 has 7 validation images, too few for an audit split of 4"):
+        audited(0.48, 1, uneven)
+
+    # audit_fraction 0: no audit split, even where the test split is labelled; all of validation selects.
+    labelled = load_dataset(_cfg(make_competition_dataset(tmp_path / "t", counts={"train": 1, "validation": 2},
+                                                          test_count=5, test_labels=True), tmp_path))
+    for dataset in (data, labelled):
+        off = partition(dataset, _cfg(root, tmp_path, audit_fraction=0))
+        assert off.audit is None and off.info.source == "none" and off.info.spec == "none"
+        assert off.data.validation.ids == dataset.validation.ids
+
+
+def _copy(root: Path, dst: Path, change) -> Path:
+    """A copy of ``root`` with ``change(copy)`` applied."""
+    change(shutil.copytree(root, dst))
+    return dst
+
+
+def _rows(root: Path, split: str) -> list[dict[str, str]]:
+    return read_csv_rows(root / f"{split}.csv")
+
+
+def _write(root: Path, split: str, rows: list[dict[str, str]]) -> None:
+    write_csv(root / f"{split}.csv", [(r["image_id"], r["label"]) for r in rows])
+
+
+def test_the_content_digest_follows_labels_and_membership_not_names(tmp_path):
+    """What ``content_digest`` promises beyond moved and reordered copies (above): renamed files are the
+    same data; two labels swapped (the same label counts), an image moved to another split, or a changed
+    labelled test image are other data; an unlabelled test split is no part of it."""
+    root = make_competition_dataset(tmp_path / "d", counts={"train": 3, "validation": 2}, test_count=3)
+    digest = load_dataset(_cfg(root, tmp_path)).digest
+
+    def rename(copy: Path) -> None:
+        rows = _rows(copy, "train")
+        (copy / "train" / f"{rows[0]['image_id']}.png").rename(copy / "train" / "renamed.png")
+        rows[0]["image_id"] = "renamed"
+        _write(copy, "train", rows)
+
+    def swap_labels(copy: Path) -> None:
+        rows = _rows(copy, "train")
+        j = next(j for j, r in enumerate(rows) if r["label"] != rows[0]["label"])
+        rows[0]["label"], rows[j]["label"] = rows[j]["label"], rows[0]["label"]
+        _write(copy, "train", rows)
+
+    def move_to_validation(copy: Path) -> None:
+        train, validation = _rows(copy, "train"), _rows(copy, "validation")
+        moved = train.pop(0)
+        (copy / "train" / f"{moved['image_id']}.png").rename(copy / "validation" / f"{moved['image_id']}.png")
+        _write(copy, "train", train)
+        _write(copy, "validation", [*validation, moved])
+
+    def repaint_test(copy: Path) -> None:
+        image_id = _rows(copy, "test")[0]["image_id"]
+        Image.fromarray(np.full((16, 16, 3), 7, dtype=np.uint8)).save(copy / "test" / f"{image_id}.png")
+
+    def digest_after(change, name: str, source: Path = root) -> str:
+        return load_dataset(_cfg(_copy(source, tmp_path / name, change), tmp_path)).digest
+
+    assert digest_after(rename, "renamed") == digest
+    assert digest_after(repaint_test, "repainted") == digest  # the test split is unlabelled here
+    assert digest_after(swap_labels, "swapped") != digest
+    assert digest_after(move_to_validation, "moved") != digest
+    labelled = make_competition_dataset(tmp_path / "l", counts={"train": 3, "validation": 2}, test_count=3,
+                                        test_labels=True)
+    assert digest_after(repaint_test, "repainted-labelled", labelled) != load_dataset(_cfg(labelled, tmp_path)).digest
+
+
+def test_the_audit_digest_is_of_pixels_and_labels_in_any_order(tmp_path):
+    root = make_competition_dataset(tmp_path / "d", counts={"train": 1, "validation": 4}, test_count=0)
+    split = load_dataset(_cfg(root, tmp_path)).validation
+    labels = split.labels.clone()
+    digest = ids_digest(split)
+    assert ids_digest(split.subset(np.arange(len(split))[::-1].copy())) == digest  # rows reversed: same images, labels
+    swapped = labels.clone()
+    j = int(np.flatnonzero(labels.numpy() != int(labels[0]))[0])
+    swapped[0], swapped[j] = labels[j], labels[0]  # the same label counts, on other images
+    assert ids_digest(replace(split, labels=swapped)) != digest
+    assert ids_digest(split.subset(np.arange(1, len(split)))) != digest  # one image fewer
+    assert ids_digest(None) == "none" and len(digest) == 16
 
 
 # ----------------------------------------------------------------------------- calibration and search

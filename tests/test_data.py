@@ -8,9 +8,14 @@ names the culprit, and that nothing was half-written into the cache.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -567,6 +572,113 @@ def test_unreadable_cache_file_is_rebuilt(tmp_path: Path, tiny_dataset: Path) ->
     assert not second.train.cache_hit
     assert torch.equal(second.train.images, expected)
     assert load_dataset(config(tiny_dataset, cache)).train.cache_hit
+
+
+@pytest.mark.parametrize("spoil", ["missing", "a row short", "a byte short"])
+def test_a_missing_or_short_hash_file_is_not_trusted(tmp_path: Path, tiny_dataset: Path, spoil: str) -> None:
+    """Pixels without all their content hashes are no cache hit: the split is decoded again and both
+    files rewritten whole (the other splits stay hits)."""
+    cache = tmp_path / "cache"
+    first = load_dataset(config(tiny_dataset, cache))
+    images, hashes = first.train.images.clone(), first.train.hashes.copy()
+    del first
+    hash_file = next(cache.glob("train-*.sha256"))
+    assert hash_file.stat().st_size == 32 * N_TRAIN
+    if spoil == "missing":
+        hash_file.unlink()
+    else:
+        hash_file.write_bytes(hash_file.read_bytes()[:-32 if spoil == "a row short" else -1])
+
+    again = load_dataset(config(tiny_dataset, cache))
+    assert not again.train.cache_hit and again.validation.cache_hit and again.test.cache_hit
+    assert torch.equal(again.train.images, images) and (again.train.hashes == hashes).all()
+    assert hash_file.stat().st_size == 32 * N_TRAIN and again.train.cache_file.exists()
+    assert load_dataset(config(tiny_dataset, cache)).train.cache_hit
+
+
+def expected_pixels(root: Path) -> dict[str, str]:
+    """SHA-256 of each split's pixels (N x 3 x H x W, CSV order), decoded here with PIL."""
+    return {split: hashlib.sha256(np.stack([pixels(root / split / f"{row['image_id']}.png")
+                                            for row in read_csv_rows(root / f"{split}.csv")]).tobytes()).hexdigest()
+            for split in ("train", "validation", "test")}
+
+
+LOAD_AND_REPORT = """
+import hashlib, json, sys
+from pipeline.config import DataConfig
+from pipeline.data import load_dataset, summarize
+report = {}
+for cache in sys.argv[2:]:
+    ds = load_dataset(DataConfig(root=sys.argv[1], cache_dir=cache))
+    report[cache] = {"summary": summarize(ds), **{name: [s.cache_hit, s.cache_file is not None,
+                     hashlib.sha256(s.images.numpy().tobytes()).hexdigest()] for name, s in ds.splits.items()}}
+print(json.dumps(report))
+"""
+
+
+def load_read_only(root: Path, caches: list[Path]) -> dict:
+    """Load ``root`` through each of ``caches`` made read-only, in a child process: by its permissions,
+    or, for root (whom permissions do not stop), by a read-only bind mount in a mount namespace of its own."""
+    load = [sys.executable, "-c", LOAD_AND_REPORT, str(root), *map(str, caches)]
+    if os.geteuid() != 0:
+        for cache in caches:
+            cache.chmod(0o555)
+        try:
+            proc = subprocess.run(load, capture_output=True, text=True, timeout=120)
+        finally:
+            for cache in caches:
+                cache.chmod(0o755)
+    else:
+        if shutil.which("unshare") is None:
+            pytest.skip("as root, a read-only folder needs unshare(1) and a mount namespace")
+        mounts = " && ".join(f"mount --bind {d} {d} && mount -o remount,bind,ro {d}"
+                             for d in map(shlex.quote, map(str, caches)))
+        proc = subprocess.run(["unshare", "--mount", "sh", "-c", f"({mounts}) || exit 97; exec {shlex.join(load)}"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode == 97 or "unshare failed" in proc.stderr:
+            pytest.skip(f"as root, a read-only folder needs a mount namespace: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_read_only_cache_folder_is_read_and_never_written(tmp_path: Path, tiny_dataset: Path) -> None:
+    """A complete cache in a read-only folder is a hit; an empty one, or one whose hash file is short,
+    gives images decoded in memory, the same pixels, and a summary that says so (not "written").
+    Before: the short one failed the load (OSError: removing the untrusted cache file)."""
+    empty, complete, short = (tmp_path / name for name in ("empty", "complete", "short"))
+    empty.mkdir()
+    load_dataset(config(tiny_dataset, complete))
+    shutil.copytree(complete, short)
+    hash_file = next(short.glob("train-*.sha256"))
+    hash_file.write_bytes(hash_file.read_bytes()[:-32])
+    before = {folder: folder_state(folder) for folder in (empty, complete, short)}
+
+    report = load_read_only(tiny_dataset, [empty, complete, short])
+    truth = expected_pixels(tiny_dataset)
+    hit, written = [True, True], [False, False]  # [cache hit, cache file]
+    assert {n: report[str(empty)][n][:2] for n in truth} == dict.fromkeys(truth, written)
+    assert {n: report[str(complete)][n][:2] for n in truth} == dict.fromkeys(truth, hit)
+    assert {n: report[str(short)][n][:2] for n in truth} == {"train": written, "validation": hit, "test": hit}
+    for folder in (empty, complete, short):
+        assert {n: report[str(folder)][n][2] for n in truth} == truth, folder
+        assert folder_state(folder) == before[folder], folder  # nothing written, nothing removed
+    assert report[str(empty)]["summary"].count("decoded in memory") == 3
+    assert f"cache     train: decoded in memory ({short} cannot be written)" in report[str(short)]["summary"]
+    assert "(written)" not in report[str(short)]["summary"] and report[str(short)]["summary"].count("(hit)") == 2
+
+
+def test_a_cache_location_that_cannot_be_created_decodes_in_memory(tmp_path: Path, tiny_dataset: Path) -> None:
+    """The same promise where a user's permissions cannot be tested (root): a cache folder under a file."""
+    (tmp_path / "a-file").write_text("not a folder")
+    ds = load_dataset(config(tiny_dataset, tmp_path / "a-file" / "cache"))
+    assert not any(s.cache_hit or s.cache_file is not None for s in ds.splits.values())
+    truth = expected_pixels(tiny_dataset)
+    assert {n: hashlib.sha256(s.images.numpy().tobytes()).hexdigest() for n, s in ds.splits.items()} == truth
+    assert summarize(ds).count("decoded in memory") == 3 and (tmp_path / "a-file").read_text() == "not a folder"
 
 
 def test_default_cache_dir_follows_the_environment(tiny_dataset: Path, _isolated_cache: Path) -> None:

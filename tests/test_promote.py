@@ -16,6 +16,7 @@ with them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as M
 from pipeline.config import DataConfig
-from pipeline.data import DataError
+from pipeline.data import DataError, load_dataset
 from pipeline.registry.promote import (
     ALREADY_CHAMPION,
     KEPT,
@@ -42,7 +43,7 @@ from pipeline.registry.promote import (
     promote,
 )
 from pipeline.registry.register import log_ensemble_model
-from pipeline.registry.scoring import Score, Scored
+from pipeline.registry.scoring import AUDIT_FIGURES, IN_SAMPLE, OTHER_DATA, Score, Scored
 
 NAME = "deepfake-ensemble"
 EXPERIMENT = "promotions"
@@ -238,6 +239,70 @@ def test_min_gain_and_force(template, store):
     assert aliases(store)["champion"] == template.challenger
     with pytest.raises(ValueError, match="min-gain must be >= 0"):
         promote(data, NAME, PromotionRule(min_gain=-0.1))
+
+
+def test_versions_built_on_other_data_or_audited_on_other_images_are_not_compared(template, store):
+    """Both versions' ``dataset_digest`` and ``audit_split`` tags must be known and equal: else a clear
+    refusal naming which differs (challenger's value first) and nothing written; ``--force`` goes past it."""
+    data = DataConfig(root=str(template.challenger_wins))
+    tags = store.get_model_version(NAME, template.champion).tags
+    digest, split = tags["dataset_digest"], tags["audit_split"]
+    pair = f"{NAME} v{template.challenger} and v{template.champion} were built and audited on different"
+
+    def refused(version: str, key: str, value: str | None, expected: str) -> None:
+        if value is None:
+            store.delete_model_version_tag(NAME, version, key)
+        else:
+            store.set_model_version_tag(NAME, version, key, value)
+        before = snapshot(store)
+        with pytest.raises(PromotionError, match=re.escape(f"{pair} {expected}: their scores are not comparable")):
+            promote(data, NAME, experiment=EXPERIMENT)
+        assert snapshot(store) == before  # no run, no alias, no tag
+        store.set_model_version_tag(NAME, version, key, tags[key])
+
+    refused(template.challenger, "dataset_digest", "0" * 16, f"data (dataset_digest {'0' * 16} vs {digest})")
+    refused(template.champion, "dataset_digest", None, f"data (dataset_digest {digest} vs unknown)")
+    refused(template.challenger, "audit_split", "validation:0.3:20",
+            f"audit split (audit_split validation:0.3:20 vs {split})")
+    refused(template.challenger, "audit_split", None, f"audit split (audit_split unknown vs {split})")
+    assert aliases(store) == {"challenger": template.challenger, "champion": template.champion}
+
+    # --force: promoted past both differences, with its scores.
+    store.set_model_version_tag(NAME, template.challenger, "dataset_digest", "0" * 16)
+    store.set_model_version_tag(NAME, template.challenger, "audit_split", "validation:0.3:20")
+    forced = promote(DataConfig(root=str(template.champion_wins)), NAME, PromotionRule(force=True),
+                     experiment=EXPERIMENT)
+    assert forced.outcome == PROMOTED and forced.forced
+    assert forced.reason.startswith("forced: challenger 0.0 % vs 100.0 %")
+    assert aliases(store)["champion"] == template.challenger
+
+
+def test_a_score_on_other_data_is_not_called_an_audit_figure(tuned, template, store):
+    """Scored on data other than the challenger was built on (another content digest), the figures are
+    not its audit figures, whatever split they come from: the decision's text, its run's ``scoring`` tag
+    and ``honest`` param say so. On the version's own data they are audit figures."""
+    built_on = store.get_model_version(NAME, template.challenger).tags["dataset_digest"]
+    other_digest = load_dataset(DataConfig(root=str(template.champion_wins))).digest
+    assert other_digest != built_on  # the relabelled copy is other data
+    other = promote(DataConfig(root=str(template.champion_wins)), NAME, experiment=EXPERIMENT)
+    name = f"test images of other data (digest {other_digest}; v{template.challenger} was built on {built_on})"
+    assert other.outcome == KEPT and other.scored_on.name == name and not other.scored_on.honest
+    assert (f"scored on {name}: 50 labelled images (scored on other data: not the version's audit split)"
+            in other.describe())
+    assert "audit (" not in other.describe()
+    run = decision_run(store, other.run_id)
+    assert run.data.tags["scoring"] == OTHER_DATA and run.data.params["scored_on"] == name
+    assert run.data.params["honest"] == "False"
+
+    own = promote(DataConfig(root=str(tuned.data)), NAME, experiment=EXPERIMENT)
+    assert own.scored_on.name == "audit (test)" and own.scored_on.honest and not own.scored_on.other_data
+    assert "scored on audit (test): 50 labelled images\n" in own.describe()
+    run = decision_run(store, own.run_id)
+    assert run.data.tags["scoring"] == AUDIT_FIGURES and run.data.params["honest"] == "True"
+    # A split the sessions chose on, of the version's own data: in-sample, not other data.
+    chosen_on = promote(DataConfig(root=str(tuned.data)), NAME, scoring=ScoringOptions(split="validation"),
+                        dry_run=True)
+    assert chosen_on.scored_on.label == IN_SAMPLE and f"({IN_SAMPLE})" in chosen_on.describe()
 
 
 def test_decision_rule_tie_keeps_the_champion():

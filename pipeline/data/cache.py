@@ -8,6 +8,7 @@ so an interrupted or failed decode never leaves a partial cache behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -103,8 +104,9 @@ def decode_all(paths: tuple[Path, ...], image_size: int | None,
 
 
 def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path,
-                tag: str) -> tuple[np.ndarray, np.ndarray, Path, bool]:
-    """Return (images, content hashes, cache file, hit). ``tag`` is a readable prefix (the split name)."""
+                tag: str) -> tuple[np.ndarray, np.ndarray, Path | None, bool]:
+    """Return (images, content hashes, cache file, hit). ``tag`` is a readable prefix (the split name). In
+    a cache folder that cannot be written the images are decoded in memory, and the cache file is None."""
     digest = files_digest(paths, image_size)
     cache_file = cache_dir / f"{tag}-{digest}.npy"
     hash_file = cache_file.with_suffix(".sha256")  # N x 32 bytes, in file order
@@ -117,13 +119,14 @@ def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path
                 return images, hashes, cache_file, True
         except (ValueError, OSError, EOFError):
             pass
-        cache_file.unlink(missing_ok=True)  # unreadable cache: rebuild it
+        with contextlib.suppress(OSError):  # a read-only cache folder keeps it: then decode in memory
+            cache_file.unlink(missing_ok=True)  # unreadable cache: rebuild it
     images, hashes = decode_all(paths, image_size, f"decode {tag}")
     _write_atomic(hash_file, hashes, raw=True)  # the hashes first: pixels without them are never a hit
-    if _write_atomic(cache_file, images):
-        del images  # the file's pages from here on, not a private copy
-        images = np.load(cache_file, mmap_mode="c")
-    return images, hashes, cache_file, False
+    if not _write_atomic(cache_file, images):
+        return images, hashes, None, False
+    del images  # the file's pages from here on, not a private copy
+    return np.load(cache_file, mmap_mode="c"), hashes, cache_file, False
 
 
 def _write_atomic(path: Path, array: np.ndarray, raw: bool = False) -> bool:

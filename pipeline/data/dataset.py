@@ -148,6 +148,7 @@ def summarize(dataset: Dataset) -> str:
         lines.append(f"{split.name:<10}{len(split):>6} images  [{per_class}]")
     for split in dataset.splits.values():
         state = "hit" if split.cache_hit else "written"
-        lines.append(f"cache     {split.cache_file} ({state})")
+        lines.append(f"cache     {split.cache_file} ({state})" if split.cache_file is not None else
+                     f"cache     {split.name}: decoded in memory ({dataset.cache_dir} cannot be written)")
     lines.append(f"loaded in {dataset.load_seconds:.3f}s")
     return "\n".join(lines)

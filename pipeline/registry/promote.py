@@ -22,7 +22,16 @@ from ..data.dataset import ensure_default_data
 from ..metrics import mcnemar
 from .inference import read_images
 from .register import CHALLENGER, CHAMPION
-from .scoring import PromotionError, Scored, ScoringSet, audit_spec_of, check_comparable, score_version, scoring_set
+from .scoring import (
+    PromotionError,
+    Scored,
+    ScoringSet,
+    audit_spec_of,
+    check_comparable,
+    on_data_of,
+    score_version,
+    scoring_set,
+)
 
 PROMOTED = "promoted"  # @champion moved to the challenger
 KEPT = "kept"  # the champion stays
@@ -104,8 +113,7 @@ class Decision:
         name, lines = self.model_name, []
         if self.challenger is not None:
             s = self.scored_on
-            lines.append(f"scored on {s.name}: {len(s.ids)} labelled images"
-                         + ("" if s.honest else " (in-sample for these versions: treat the scores as optimistic)"))
+            lines.append(f"scored on {s.name}: {len(s.ids)} labelled images" + ("" if s.honest else f" ({s.label})"))
             for role, scored in (("challenger", self.challenger), ("champion", self.champion)):
                 if scored is not None:
                     low, high = scored.score.interval
@@ -192,10 +200,8 @@ def promote(data_cfg, model_name: str = "deepfake-ensemble", rule: PromotionRule
         check_comparable(model_name, (challenger_v, tags[challenger_v]),
                          (champion_v, tags[champion_v]) if champion_v else None)
     ensure_default_data(data_cfg)
-    scored_on = scoring_set(data_cfg, scoring.split, audit_spec_of(tags[challenger_v]))
-    if tags[challenger_v].get("dataset_digest") not in (None, scored_on.data_digest):
-        print(f"note: the data given (digest {scored_on.data_digest}) is not the data v{challenger_v} was built on "
-              f"(digest {tags[challenger_v]['dataset_digest']})")
+    scored_on = on_data_of(scoring_set(data_cfg, scoring.split, audit_spec_of(tags[challenger_v])), challenger_v,
+                           tags[challenger_v].get("dataset_digest"))
     blobs = read_images(scored_on.paths, progress=scoring.progress)
     scored = {v: score_version(model_name, v, blobs, scored_on.labels, scored_on.num_classes, scoring.batch_size,
                                scoring.device, scoring.progress)
@@ -234,7 +240,7 @@ def _record(client, decision: Decision, experiment: str, device: str) -> str:
                        M.ACCURACY_GAIN: decision.gain, M.ONLY_CHALLENGER_RIGHT: ev.only_challenger,
                        M.ONLY_CHAMPION_RIGHT: ev.only_champion, M.MCNEMAR_P: ev.p}
         tracking.log_metrics(client, run_id, values)
-        tracking.set_tags(client, run_id, {"reason": decision.reason})
+        tracking.set_tags(client, run_id, {"reason": decision.reason, "scoring": s.label})
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         version_tags = {"promotion_outcome": decision.outcome, "promotion_run_id": run_id}
         if decision.promoted:

@@ -20,9 +20,16 @@ class PromotionError(RuntimeError):
     """The registry is not in a state promotion can work with (no model, no challenger, other data)."""
 
 
+# What a promotion's figures are, in its text and its run's ``scoring`` tag.
+AUDIT_FIGURES = "audit: no choice of these versions' sessions read these images"
+IN_SAMPLE = "in-sample for these versions: treat the scores as optimistic"
+OTHER_DATA = "scored on other data: not the version's audit split"
+
+
 @dataclass(frozen=True)
 class ScoringSet:
-    name: str  # "audit (validation:0.3:20)", "test", or "validation (selection: choices read it)"
+    name: str  # "audit (validation:0.3:20)", "test", "validation (selection: choices read it)", or
+    # "test images of other data (digest ...; v3 was built on ...)" (``on_data_of``)
     honest: bool  # no choice of the versions' sessions read these images
     ids: list[str]
     paths: list[Path]
@@ -30,6 +37,21 @@ class ScoringSet:
     num_classes: int
     data_digest: str
     audit_digest: str
+    source: str  # the split the images come from: test or validation
+    other_data: bool = False  # not the data the challenger was built on (another content digest)
+
+    @property
+    def label(self) -> str:
+        return OTHER_DATA if self.other_data else AUDIT_FIGURES if self.honest else IN_SAMPLE
+
+
+def on_data_of(scoring: ScoringSet, version: str, built_on: str | None) -> ScoringSet:
+    """``scoring`` as what it is for ``version`` (built on data of content digest ``built_on``): drawn from
+    other data, no split of it is the version's audit split, whatever it is called there."""
+    if built_on is None or built_on == scoring.data_digest:
+        return scoring
+    return replace(scoring, name=f"{scoring.source} images of other data (digest {scoring.data_digest}; v{version} "
+                                 f"was built on {built_on})", honest=False, other_data=True)
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,7 @@ def scoring_set(data_cfg: DataConfig, split: str | None, audit_spec: str | None)
                         "name a labelled split (--split validation) or dataset (--data)")
     by_id = dict(zip(index.splits[source].ids, index.splits[source].paths, strict=True))
     return ScoringSet(name, honest, list(chosen.ids), [by_id[i] for i in chosen.ids], chosen.labels.numpy(),
-                      data.num_classes, data.digest, ids_digest(chosen))
+                      data.num_classes, data.digest, ids_digest(chosen), source)
 
 
 def _audit_config(cfg: DataConfig, spec: str | None) -> DataConfig:
