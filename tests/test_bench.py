@@ -156,6 +156,26 @@ def test_batched_geometric_is_torchvisions_policy_per_image(size: int) -> None:
         torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)
 
 
+def test_the_perspective_constants_are_built_once_per_shape_and_change_no_image() -> None:
+    """The corner tensor is cached per (height, width, device) (on CUDA a fresh one per batch would be
+    a host sync in every step): a second batch reuses it and warps exactly as the first, and another
+    image size gets its own corners."""
+    from pipeline.data.augment import image_corners
+
+    image_corners.cache_clear()
+    geometric = BatchGeometric()
+    x = torch.rand(8, 3, 24, 30)
+    params = geometric.sample(8, 24, 30, torch.device("cpu"))
+    params["perspective"][:] = True
+    first = geometric.apply(x.clone(), params)
+    assert image_corners.cache_info().misses == 1
+    second = geometric.apply(x.clone(), params)
+    assert image_corners.cache_info().hits == 1 and image_corners.cache_info().misses == 1
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    assert image_corners(24, 30, torch.device("cpu")).tolist() == [[0, 0], [29, 0], [29, 23], [0, 23]]
+    assert image_corners(37, 37, torch.device("cpu")).tolist() == [[0, 0], [36, 0], [36, 36], [0, 36]]
+
+
 def test_batched_geometric_draws_like_the_v2_transforms() -> None:
     """Angles in [-15, 15], flips about half, perspective about 30%, corners inside the v2 bounds."""
     torch.manual_seed(0)

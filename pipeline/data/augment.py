@@ -11,6 +11,7 @@ each with its own draw. Either way there is no per-sample work in worker process
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torchvision.transforms import v2
@@ -80,6 +81,14 @@ class Normalizer:
         if x.dtype == torch.uint8:
             x = self.scale(x)
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+@lru_cache(maxsize=32)
+def image_corners(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """The four corners of an h x w image (float64, 4 x 2), built once per (shape, device): a tensor
+    made from Python numbers is a host-to-device copy, which on CUDA waits for the queued work, so a
+    per-batch one would be a host sync in every training step."""
+    return torch.tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=torch.float64).to(device)
 
 
 class BatchGeometric:
@@ -156,8 +165,7 @@ class BatchGeometric:
         n, c, h, w = x.shape
         # _get_perspective_coeffs: the 8x8 system mapping the moved corners back to the image corners,
         # solved in float64 (exact: four point pairs, eight unknowns).
-        start = torch.tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=torch.float64,
-                             device=x.device).expand(n, 4, 2)
+        start = image_corners(h, w, x.device).expand(n, 4, 2)
         end = endpoints.to(torch.float64)
         ex, ey, sx, sy = end[..., 0], end[..., 1], start[..., 0], start[..., 1]
         a = torch.zeros(n, 8, 8, dtype=torch.float64, device=x.device)
