@@ -84,7 +84,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
         spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
         config = dict(getattr(context, "model_config", None) or {})
-        self.device = resolve_device(str(config.get("device", "cpu")))
+        self.device = resolve_device(str(config.get("device", "auto")))
         self.batch_size = int(config.get("batch_size", 256))
         self.weight = float(spec["weight"])
         self.method = spec["method"]

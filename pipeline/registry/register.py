@@ -47,7 +47,8 @@ def log_ensemble_model(run_id: str, member_a: str | Path, member_b: str | Path, 
             pip_requirements=pip_requirements(),
             # Defaults a caller may override at load time: load_model(uri, model_config={...}).
             # (precision: each member's recorded one, from ensemble.json, unless "precision" is given)
-            model_config={"device": "cpu", "batch_size": 256},
+            # device auto: CUDA where the model is served on a GPU, the CPU elsewhere (never a crash).
+            model_config={"device": "auto", "batch_size": 256},
             registered_model_name=model_name,
         )
     return str(info.registered_model_version)
