@@ -101,7 +101,9 @@ def shoot(browser, url: str, out: Path, wait_for: str | re.Pattern, storage: dic
                         + json.dumps(storage) + ")")
     page = ctx.new_page()
     try:
-        page.goto(url, wait_until="networkidle")
+        # "load", not "networkidle": the 3.17 UI keeps polling, so the network is never idle; the
+        # page is ready when the text it must show is visible (below).
+        page.goto(url, wait_until="load", timeout=60_000)
         if chart_search:
             page.get_by_placeholder("Search metric charts").fill(chart_search)
         page.get_by_text(wait_for).first.wait_for(state="visible", timeout=60_000)
@@ -155,7 +157,8 @@ def main() -> int:
     parent = client.get_run(parent_id)
     exp = parent.info.experiment_id
     version = printed["model version"].split("/versions/")[1].split("?")[0]
-    trial = f"{parent.data.params['session.member_studies'].split(',')[0].split('.')[-1]}-trial-0"
+    # Trial runs are named <arch>-<phase>-<n>: the first member's first search run.
+    trial = f"{parent.data.params['session.member_studies'].split(',')[0].split('.')[-1]}-search-0"
     for name in (M.EPOCH_CURVES_PNG, M.PARAMS_PNG, M.SESSION_WEIGHT_CURVE_PNG):
         got = client.download_artifacts(parent_id, name, str(work / "figures"))
         target = out / f"session-{Path(name).name}"
