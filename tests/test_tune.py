@@ -217,7 +217,7 @@ def test_registered_model_serves_what_was_searched(tuned, tmp_path, monkeypatch)
     model = mlflow.pyfunc.load_model("models:/deepfake-ensemble@challenger")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
     # Served where it is loaded: CUDA on a GPU host, the CPU on this one, no device named at load time.
-    assert model.metadata.model_config["device"] == "auto"
+    assert model.metadata.flavors["python_function"]["config"]["device"] == "auto"  # as stored in MLmodel
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert model.unwrap_python_model().device.type == expected
     members = []
