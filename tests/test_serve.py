@@ -66,6 +66,21 @@ def test_decoder_rejects_bad_input_with_a_400_message(make, message):
     assert info.value.get_http_status_code() == 400
 
 
+def test_a_large_request_decodes_in_threads_in_order_and_names_the_first_bad_row():
+    from pipeline.ensemble.request import DECODE_THREADS, decode_request_images
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (8 + i, 10 + i, 3), dtype=np.uint8) for i in range(3 * DECODE_THREADS)]
+    values = [png_bytes(a) for a in arrays]
+    decoded = decode_request_images(values)
+    assert [tuple(d.shape) for d in decoded] == [(3, a.shape[0], a.shape[1]) for a in arrays]  # in order
+    assert all(np.array_equal(d.permute(1, 2, 0).numpy(), a) for d, a in zip(decoded, arrays, strict=True))
+    bad = list(values)
+    bad[5], bad[9] = b"GIF89a" + b"\0" * 20, b""
+    with pytest.raises(MlflowException, match="row 5: 'image' is not a PNG or JPEG file"):
+        decode_request_images(bad)
+
+
 # ------------------------------------------------------------------ the real server
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from mlflow.types import ColSpec, Schema
 
 from ..config import EVAL_BATCH, NUM_CLASSES
 from .calibration import calibrated, variant_logprobs
-from .request import decode_request_image, invalid_input
+from .request import decode_request_images, invalid_input
 from .rules import combine
 
 
@@ -109,7 +109,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         if len(model_input) == 0:
             return pd.DataFrame({"label": np.zeros(0, dtype=np.int64),
                                  **{f"prob_{i}": np.zeros(0, np.float32) for i in range(len(self.classes))}})
-        images = [decode_request_image(v, i) for i, v in enumerate(model_input["image"].tolist())]
+        images = decode_request_images(model_input["image"].tolist())
         p_a, p_b = self.member_probs(images)
         probs = combine(p_a, p_b, self.weight, self.method).astype(np.float32)
         frame = pd.DataFrame({"label": probs.argmax(1).astype(np.int64)})
