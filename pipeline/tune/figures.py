@@ -5,7 +5,8 @@ figures are HTML that loads plotly from a CDN, blank without internet):
   per member study, pruned trials dashed, the study's best trial thick;
 - ``figures/best_accuracy_vs_params.png``: each trial's best validation accuracy against each
   searched setting (hollow: pruned, best before pruning);
-- ``figures/ensemble_weight_curve.png``: the ensemble run's accuracy-against-weight curve.
+- ``figures/ensemble_weight_curve.png``: the ensemble run's accuracy-against-weight curve;
+- ``optuna/<arch>/*.html``: Optuna's own figures (``log_study_figures``).
 
 Validation accuracy chose the epochs, the trials and the pair, so these are *selection* accuracies.
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import optuna
+from optuna import visualization
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -178,3 +181,23 @@ def log_session_figures(session: Session) -> None:
                 session.client.log_artifact(session.parent_run_id, str(path), M.FIGURES_DIR)
             except Exception as exc:  # noqa: BLE001
                 say(f"note: could not log {path.name}: {exc}")
+
+
+def log_study_figures(session: Session) -> None:
+    """Optuna's own figures (history, importances, intermediate values) into the parent run."""
+    for arch, study in session.studies.items():
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:  # a member the plan gave no run: nothing to draw (Optuna would warn)
+            continue
+        figures = {"optimization_history": visualization.plot_optimization_history,
+                   "intermediate_values": visualization.plot_intermediate_values}
+        if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
+            figures["param_importances"] = visualization.plot_param_importances
+        for name, plot in figures.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fig = plot(study)
+                session.client.log_figure(session.parent_run_id, fig, f"optuna/{arch}/{name}.html")
+            except Exception as exc:  # noqa: BLE001 - a figure must never fail the session
+                print(f"note: could not draw {name} for {arch}: {exc}")

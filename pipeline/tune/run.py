@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna import visualization
 from optuna.trial import TrialState
 
 from .. import metrics as M
@@ -36,7 +35,7 @@ from . import keys
 from .budget import Clock
 from .candidates import candidate_fingerprint, load_candidates
 from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_summary
-from .figures import log_session_figures
+from .figures import log_session_figures, log_study_figures
 from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
 from .session import Session, open_session, session_budget
 from .storage import storage_lock
@@ -238,23 +237,3 @@ def member_summary(session: Session, arch: str) -> dict[str, Any]:
         "best_run_id": best.user_attrs.get(keys.RUN) if best else None,
         "best_params": best.params if best else {},
     }
-
-
-def log_study_figures(session: Session) -> None:
-    """Optuna's own figures (history, importances, intermediate values) into the parent run."""
-    for arch, study in session.studies.items():
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:  # a member the plan gave no run: nothing to draw (Optuna would warn)
-            continue
-        figures = {"optimization_history": visualization.plot_optimization_history,
-                   "intermediate_values": visualization.plot_intermediate_values}
-        if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
-            figures["param_importances"] = visualization.plot_param_importances
-        for name, plot in figures.items():
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fig = plot(study)
-                session.client.log_figure(session.parent_run_id, fig, f"optuna/{arch}/{name}.html")
-            except Exception as exc:  # noqa: BLE001 - a figure must never fail the session
-                print(f"note: could not draw {name} for {arch}: {exc}")

@@ -60,11 +60,17 @@ def best_effort(*actions: Callable[[], object], attempts: int = 1) -> None:
 
 # ----------------------------------------------------------------------------- the trial's settings
 
-def trial_configs(session: Session, arch: str, trial: optuna.Trial) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+def retried_from(session: Session, trial: optuna.Trial) -> int | None:
+    """The number of the lost or interrupted trial this one re-runs (None: a first run)."""
+    return keys.RETRY.retried_trial_number(session.storage.get_trial(trial._trial_id))
+
+
+def trial_configs(session: Session, arch: str, trial: optuna.Trial,
+                  origin: int | None) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     """The trial's configuration (sampled once; later calls read the stored parameters). A retry of a
-    lost or interrupted trial keeps the original trial's seed as well as its parameters."""
+    lost or interrupted trial (``origin``: the trial it re-runs, ``retried_from``) keeps the original
+    trial's seed as well as its parameters."""
     preset = session.preset
-    origin = keys.RETRY.retried_trial_number(session.storage.get_trial(trial._trial_id))
     return sampling.trial_configs(trial, preset.study.space,
                                   override(preset.model, arch=arch, num_classes=session.data.num_classes),
                                   preset.train, preset.data, origin)
@@ -82,12 +88,12 @@ def budgeted_configs(session: Session, trial: optuna.Trial,
     return replace(train_cfg, epochs=search_epochs(session.plan, session.preset, len(session.data.train))), None
 
 
-def run_tags(session: Session, arch: str, trial: optuna.Trial, device: str) -> dict[str, str]:
-    """The trial run's tags: what it is (arch, study, trial, phase), where it ran, what it continues."""
+def run_tags(session: Session, arch: str, trial: optuna.Trial, device: str, origin: int | None) -> dict[str, str]:
+    """The trial run's tags: what it is (arch, study, trial, phase), where it ran, what it continues
+    (``origin``: the trial a retry re-runs)."""
     attrs = trial.user_attrs
     related = {"refit_of_trial": attrs.get(keys.REFIT_OF), "final_of_trial": attrs.get(keys.FINAL_OF),
-               "optuna.retried_from_trial": keys.RETRY.retried_trial_number(
-                   session.storage.get_trial(trial._trial_id))}
+               "optuna.retried_from_trial": origin}
     return {**tracking.standard_tags(device), "kind": "trial", "arch": arch,
             "optuna.study": session.member_study_name(arch), "optuna.trial": str(trial.number), "worker": WORKER,
             "phase": keys.phase_of(trial), **{k: str(v) for k, v in related.items() if v is not None}}
@@ -165,7 +171,8 @@ class _TrialRun:
 
     def __call__(self, progress: bool) -> float:
         session, trial, client = self.session, self.trial, self.session.client
-        model_cfg, train_cfg, data_cfg = trial_configs(session, self.arch, trial)
+        origin = retried_from(session, trial)  # one storage read for the seed and the run's tag
+        model_cfg, train_cfg, data_cfg = trial_configs(session, self.arch, trial, origin)
         initial = None
         if keys.is_refit(trial) and not keys.is_final(trial):  # the best search trial's checkpoint, continued
             train_cfg, initial = refit_start(session, trial, train_cfg)
@@ -175,7 +182,7 @@ class _TrialRun:
         self.run_id = tracking.start_run(client, session.experiment_id,
                                          f"{self.arch}-{keys.phase_of(trial)}-{trial.number}",
                                          parent_run_id=session.parent_run_id,
-                                         tags=run_tags(session, self.arch, trial, self.device))
+                                         tags=run_tags(session, self.arch, trial, self.device, origin))
         trial.set_user_attr(keys.RUN, self.run_id)
         if trial.user_attrs.get(keys.ERROR):
             trial.set_user_attr(keys.ERROR, "")  # a retry starts without its predecessor's reason

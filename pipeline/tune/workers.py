@@ -25,7 +25,7 @@ from .keys import FINISHED, is_refit
 from .phases import search_epochs, search_run_fits
 from .session import Session, TuneError, sampler
 from .storage import heartbeat_enabled, storage_lock
-from .trial import run_trial, trial_configs
+from .trial import retried_from, run_trial, trial_configs
 
 
 def taken(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -79,7 +79,8 @@ def admit_trial(session: Session, arch: str, refit: bool = False) -> optuna.Tria
         if heartbeat_enabled(session.storage):
             # A worker killed before its heartbeat thread starts is detected too.
             session.storage.record_heartbeat(trial._trial_id)
-        trial_configs(session, arch, trial)  # sampled now, under the lock: the next ask sees its parameters
+        # Sampled now, under the lock: the next ask sees its parameters.
+        trial_configs(session, arch, trial, retried_from(session, trial))
         return trial
 
 
