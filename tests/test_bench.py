@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.bench import OPTIONAL_SECTIONS, SECTIONS, bench_settings, run_bench
 from pipeline.config import load_preset
-from pipeline.data.augment import BatchGeometric
+from pipeline.data.geometric import BatchGeometric
 from pipeline.data.synth import synthesize
 
 
@@ -160,7 +160,7 @@ def test_the_perspective_constants_are_built_once_per_shape_and_change_no_image(
     """The corner tensor is cached per (height, width, device) (on CUDA a fresh one per batch would be
     a host sync in every step): a second batch reuses it and warps exactly as the first, and another
     image size gets its own corners."""
-    from pipeline.data.augment import image_corners
+    from pipeline.data.geometric import image_corners
 
     image_corners.cache_clear()
     geometric = BatchGeometric()

@@ -703,7 +703,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment(policy: str, x: torch.Tensor, y: torch.Tensor, seed: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    aug = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, group_size=4, **kw)
+    aug = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, **kw)
     torch.manual_seed(seed)
     return aug(x.clone(), y.clone())
 
@@ -758,11 +758,11 @@ def test_a_runs_augmentation_draws_only_from_its_own_generators(batch, policy: s
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
         state = torch.random.get_rng_state()
-        aug = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, group_size=4, random=RunRandom(5), **mix)
+        aug = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, random=RunRandom(5), **mix)
         outs.append(aug(x.clone(), y.clone()))
         assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    other = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, group_size=4, random=RunRandom(6), **mix)
+    other = BatchAugmenter(policy, "imagenet", CPU, TINY_CLASSES, random=RunRandom(6), **mix)
     assert not torch.equal(other(x.clone(), y.clone())[0], outs[0][0])
 
 
