@@ -107,6 +107,17 @@ class TrainStep:
     device: torch.device
     precision: str
 
+    def update(self, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and optimiser step on an augmented batch; (loss, correct count) stay on
+        the device: nothing here waits for the host (tests/test_cuda.py runs it under sync debug)."""
+        with autocast(self.device, self.precision):
+            logits = self.model(x)
+            loss = self.loss_fn(logits.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
 
 def train_one_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                     generator: torch.Generator, progress: bool = False, limit: int | None = None,
@@ -114,7 +125,7 @@ def train_one_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor,
     """One pass over the training images (over ``limit`` of them, drawn afresh, when given).
     ``before_step(images_seen_this_epoch)`` sets the step's learning rate and returns False when the
     run is over (a deadline): the epoch ends there, ``EpochStats.ended`` says so."""
-    model, optimizer, device, precision = step.model, step.optimizer, step.device, step.precision
+    model, device = step.model, step.device
     model.train()
     order = torch.randperm(len(labels), generator=generator)[:limit].to(images.device)
     n = len(order)
@@ -137,14 +148,9 @@ def train_one_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor,
         y = labels[idx].to(device, non_blocking=True)
         x, target = step.augment(x, y)
         data_seconds += time.perf_counter() - t0
-        with autocast(device, precision):
-            logits = model(x)
-            loss = step.loss_fn(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        loss, right = step.update(x, target, y)
+        loss_sum += loss * len(y)
+        correct += right
         seen += len(y)
     mean_loss = (loss_sum / max(seen, 1)).item() if seen else 0.0
     if not np.isfinite(mean_loss):
