@@ -35,11 +35,13 @@ def blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Te
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
-    flat = maxc == minc  # grey pixels: hue and saturation 0, as torchvision (no division by zero)
-    span = torch.where(flat, torch.ones_like(maxc), maxc - minc)
-    s = torch.where(flat, torch.zeros_like(maxc), (maxc - minc) / torch.where(flat, torch.ones_like(maxc), maxc))
+    # Grey pixels (max = min) divide by 1 instead of 0: their saturation and hue come out 0, as
+    # torchvision's (r = g = b makes every numerator 0).
+    ones = torch.ones_like(maxc)
+    flat = maxc == minc
+    span = torch.where(flat, ones, maxc - minc)
+    s = (maxc - minc) / torch.where(flat, ones, maxc)
     h = torch.where(maxc == r, (g - b) / span, torch.where(maxc == g, 2.0 + (b - r) / span, 4.0 + (r - g) / span))
-    h = torch.where(flat, torch.zeros_like(h), h)
     return torch.stack(((h / 6.0 + 1.0).fmod(1.0), s, maxc), 1)
 
 
