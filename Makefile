@@ -10,7 +10,7 @@ UI_PORT ?= 5000
 DASHBOARD_PORT ?= 8080
 OPTUNA_STORAGE ?= sqlite:///optuna.db
 
-.PHONY: demo test lint bench ui dashboard docs-images install mlproject clean-results
+.PHONY: demo test lint bench gpu-check ui dashboard docs-images install mlproject clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,14 @@ lint: $(VENV)/.lint-stamp
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m pipeline bench $(BENCH_ARGS)
+
+# Run once on a GPU machine (~8 minutes on one H100): step speeds, sync check, a 3-minute budgeted tune to
+# a registered model, predict on the GPU; prints a table, writes gpu-check.json. DEVICE=cpu: toy size.
+DEVICE ?= auto
+GPU_CHECK_OUT ?= gpu-check.json
+GPU_CHECK_WORKDIR ?= gpu-check
+gpu-check: $(STAMP)
+	$(PY) -m pipeline.cli.run_gpu_check --device $(DEVICE) --out $(GPU_CHECK_OUT) --workdir $(GPU_CHECK_WORKDIR)
 
 # MLproject is generated from the command table (pipeline/cli/command_table.py); a test checks it is current.
 mlproject: $(STAMP)

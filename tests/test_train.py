@@ -343,3 +343,18 @@ def test_train_cli_rejects_bad_flags(learnable, tmp_path, tracking_here, capsys)
         assert main(["train", "--data", str(learnable), "--device", "cuda", "--epochs", "1"]) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "CUDA is not available" in errors[0]
+
+
+@pytest.mark.parametrize(("batch", "lr_batch", "expected"), [(256, 64, 2e-3), (16, 64, 5e-4), (64, 64, 1e-3),
+                                                             (512, None, 1e-3)])
+def test_learning_rate_follows_the_batch_by_the_square_root_rule(batch: int, lr_batch: int | None,
+                                                                 expected: float) -> None:
+    cfg = TrainConfig(lr=1e-3, batch_size=batch, lr_batch=lr_batch)
+    assert cfg.applied_lr == pytest.approx(expected)
+
+
+def test_a_bad_lr_batch_names_its_setting() -> None:
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr_batch"):
+        TrainConfig(lr_batch=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import torch
@@ -13,21 +11,19 @@ from ..data import Dataset
 from ..models import build_model
 from ..train import bf16_supported, synchronize
 from .settings import REFERENCE_BATCH, BenchSettings
+from .timing import time_repeated
 
 
-def matmul_flops(n: int, dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
-    """Best-of-``reps`` FLOP/s of an n x n x n matmul (2 n^3 FLOPs)."""
+def matmul_flops(n: int, dtype: torch.dtype, device: torch.device, reps: int | None = None) -> float:
+    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs), averaged over ``reps`` back-to-back calls after one
+    warm-up (default 20 on a GPU, where one call is about a launch's worth of time, 5 on the CPU),
+    timed with CUDA events on a GPU."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.mm(a, b)
     synchronize(device)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    reps = reps or (20 if device.type == "cuda" else 5)
+    return 2 * n ** 3 / time_repeated(lambda: torch.mm(a, b), reps, device)
 
 
 def model_flops(arch: str, num_classes: int, shape: tuple[int, int, int],

@@ -19,29 +19,22 @@ from ..config import ModelConfig
 from ..models import build_model
 from ..train import autocast, synchronize
 from .settings import REFERENCE_BATCH
+from .timing import time_repeated
 
 MODES = ("default", "max-autotune-no-cudagraphs")
+CUDA_MODES = ("reduce-overhead",)  # CUDA graphs: one replay instead of ~300 launches per step
 ADOPT_SPEEDUP = 1.2
 LOSS_TOLERANCE = 1e-2
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                device: torch.device, precision: str) -> float:
+                device: torch.device, precision: str) -> torch.Tensor:
     with autocast(device, precision):
         loss = nn.functional.cross_entropy(model(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
-
-
-def _time_steps(step, steps: int, device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return time.perf_counter() - t0
+    return loss.detach()  # read by the caller only outside the timed steps: no sync per step
 
 
 def _measure(model: nn.Module, mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -52,9 +45,9 @@ def _measure(model: nn.Module, mode: str | None, x: torch.Tensor, y: torch.Tenso
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
     runner = torch.compile(model, mode=mode) if mode else model
     t0 = time.perf_counter()
-    losses = [_train_step(runner, optimizer, x, y, device, precision) for _ in range(3)]
+    losses = [float(_train_step(runner, optimizer, x, y, device, precision)) for _ in range(3)]
     first = time.perf_counter() - t0
-    train = _time_steps(lambda: _train_step(runner, optimizer, x, y, device, precision), steps, device)
+    train = steps * time_repeated(lambda: _train_step(runner, optimizer, x, y, device, precision), steps, device)
     runner.eval()
 
     def forward() -> None:
@@ -63,8 +56,9 @@ def _measure(model: nn.Module, mode: str | None, x: torch.Tensor, y: torch.Tenso
 
     t0 = time.perf_counter()
     forward()  # evaluation compiles its own graph
+    synchronize(device)
     eval_first = time.perf_counter() - t0
-    evaluation = _time_steps(forward, steps, device)
+    evaluation = steps * time_repeated(forward, steps, device)
     runner.train()
     return {"losses": losses, "first_steps_seconds": first + eval_first,
             "train_images_per_second": steps * len(x) / train, "eval_images_per_second": steps * len(x) / evaluation}
@@ -72,7 +66,8 @@ def _measure(model: nn.Module, mode: str | None, x: torch.Tensor, y: torch.Tenso
 
 def bench_compile(archs: tuple[str, ...], num_classes: int, shape: tuple[int, int, int], device: torch.device,
                   precision: str, steps: int = 20, seed: int = 0) -> dict[str, Any]:
-    out: dict[str, Any] = {"modes": list(MODES), "steps": steps, "batch_size": REFERENCE_BATCH, "archs": {}}
+    modes = MODES + (CUDA_MODES if device.type == "cuda" else ())
+    out: dict[str, Any] = {"modes": list(modes), "steps": steps, "batch_size": REFERENCE_BATCH, "archs": {}}
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(REFERENCE_BATCH, *shape, generator=generator).to(device).contiguous(
         memory_format=torch.channels_last)
@@ -83,7 +78,7 @@ def bench_compile(archs: tuple[str, ...], num_classes: int, shape: tuple[int, in
             device, memory_format=torch.channels_last)
         eager = _measure(model, None, x, y, device, precision, steps)
         row: dict[str, Any] = {"eager": eager}
-        for mode in MODES:
+        for mode in modes:
             torch._dynamo.reset()  # each mode compiles from scratch: its compile time is its own
             fig = _measure(model, mode, x, y, device, precision, steps)
             fig["train_speedup"] = fig["train_images_per_second"] / eager["train_images_per_second"]

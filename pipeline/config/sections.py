@@ -86,6 +86,9 @@ class TrainConfig:
     epochs: int = setting(30, "maximum epochs (per trial for tune)")
     batch_size: int = setting(64, "training batch size")
     lr: float = setting(1e-3, "learning rate")
+    lr_batch: int | None = setting(None, "the batch size train.lr is meant for: a run at another batch size trains at "
+                                         "lr x sqrt(batch_size / lr_batch) (the square-root rule for Adam); "
+                                         "unset = lr as given")
     weight_decay: float = setting(1e-4, "weight decay")
     optimizer: str = setting("adam", "optimiser", choices=("adam", "adamw"))
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss")
@@ -121,6 +124,7 @@ class TrainConfig:
         check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         check(self.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", self.eval_batch_size)
         check(self.lr > 0, "train.lr", "> 0", self.lr)
+        check(self.lr_batch is None or self.lr_batch >= 1, "train.lr_batch", ">= 1", self.lr_batch)
         check(0 <= self.warmup < 1, "train.warmup", "in [0, 1)", self.warmup)
         check(self.evaluations >= 1, "train.evaluations", ">= 1", self.evaluations)
         check(0 < self.eval_share <= 1, "train.eval_share", "in (0, 1]", self.eval_share)
@@ -129,6 +133,13 @@ class TrainConfig:
               self.images_per_epoch)
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "in [0, 1)", self.label_smoothing)
         parse_class_weights(self.class_weights)
+
+    @property
+    def applied_lr(self) -> float:
+        """The peak learning rate a run trains at: ``lr`` scaled from ``lr_batch`` to ``batch_size``."""
+        if self.lr_batch is None:
+            return self.lr
+        return self.lr * (self.batch_size / self.lr_batch) ** 0.5
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,8 @@ class _TrialRun:
         if trial.user_attrs.get(keys.ERROR):
             trial.set_user_attr(keys.ERROR, "")  # a retry starts without its predecessor's reason
         self.listener = Listener(session, self.arch, trial, self.run_id, 0 if deadline else train_cfg.epochs)
-        params = flat_params(Preset(session.preset.name, data_cfg, model_cfg, train_cfg))
+        params = {**flat_params(Preset(session.preset.name, data_cfg, model_cfg, train_cfg)),
+                  "train.applied_lr": train_cfg.applied_lr}  # what the run trained at (train.lr_batch)
         tracking.log_params(client, self.run_id, {**params, **{f"optuna.{k}": v for k, v in trial.params.items()}})
         result = build_and_fit(model_cfg, session.data, data_cfg, train_cfg, self.listener, progress, initial,
                                deadline)
