@@ -371,3 +371,42 @@ def test_no_choice_of_a_session_reads_an_audit_image(tmp_path, monkeypatch):
     changed = replace(changed, data=replace(changed.data, root=str(other)))
     with pytest.raises(TuneError, match="is not the data of session s"):
         open_session(changed, "audit", "s", storage)
+
+
+def test_the_audit_runs_each_checkpoints_passes_once_and_scores_what_is_served(tmp_path, monkeypatch):
+    """A one-run ensemble with its mirror vote (the plan's usual choice on a CPU budget): the audit
+    reads the run's plain and mirrored passes once each (it used to run four), and its figures are
+    the served members' own probabilities, computed here through ``Member.logprobs``."""
+    import torch
+
+    from pipeline.config import ModelConfig, TrainConfig
+    from pipeline.ensemble.audit_scoring import audit_probs
+    from pipeline.ensemble.pyfunc import Member
+    from pipeline.ensemble.rules import combine
+    from pipeline.ensemble.stage import Candidate, EnsembleResult
+    from pipeline.models import build_model
+    from pipeline.train.checkpoint import ModelInterface, save_checkpoint
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="cnn_v1", convs_per_block=1)
+    path = save_checkpoint(tmp_path / "best.pt", build_model(model_cfg).state_dict(), model_cfg, DataConfig(),
+                           TrainConfig(), ModelInterface(tuple("01234"), (32, 32)), 1, 0.5)
+    run = Candidate("cnn_v1", 3, "r", 0.5, np.zeros((1, 5)), None, path)
+    result = EnsembleResult("e", run, run, 0.4, "soft", "none", "hflip", 1.0, 1.7, 0.5, 1.0, 0.5, 0.5, 1)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    device = torch.device("cpu")
+
+    passes = []
+    plain_logits = Member.logits
+    monkeypatch.setattr(Member, "logits", lambda self, batch, size=256, flip=False: passes.append(flip)
+                        or plain_logits(self, batch, size, flip))
+    before, after, alone = audit_probs(result, images, device, batch_size=5)
+    assert sorted(passes) == [False, True]
+
+    monkeypatch.setattr(Member, "logits", plain_logits)
+    a = Member(str(path), device, "fp32", "none", 1.0).logprobs(images)
+    b = Member(str(path), device, "fp32", "hflip", 1.7).logprobs(images)
+    np.testing.assert_allclose(after, combine(calibrated(a, 1.0), calibrated(b, 1.7), 0.4, "soft"), rtol=1e-5)
+    np.testing.assert_allclose(before, combine(calibrated(a, 1.0), calibrated(b, 1.0), 0.4, "soft"), rtol=1e-5)
+    for member_alone in alone:
+        np.testing.assert_allclose(member_alone, calibrated(a, 1.0), rtol=1e-5)

@@ -62,14 +62,17 @@ class Member:
                    for img in images]
         return torch.stack(resized)
 
-    def logprobs(self, batch: torch.Tensor, batch_size: int = EVAL_BATCH) -> np.ndarray:
-        """Uncalibrated log-probabilities of uint8 images at the input size, under the test-time variant."""
+    def logits(self, batch: torch.Tensor, batch_size: int = EVAL_BATCH, flip: bool = False) -> np.ndarray:
+        """Logits of uint8 images at the input size (``flip``: of their mirror images)."""
         from ..train import predict_logits
 
-        logits = predict_logits(self.model, batch, self.normalizer, self.device, self.precision, batch_size).numpy()
-        flipped = (predict_logits(self.model, batch, self.normalizer, self.device, self.precision, batch_size,
-                                  flip=True).numpy() if self.tta == "hflip" else None)
-        return variant_logprobs(logits, flipped, self.tta)
+        return predict_logits(self.model, batch, self.normalizer, self.device, self.precision, batch_size,
+                              flip=flip).numpy()
+
+    def logprobs(self, batch: torch.Tensor, batch_size: int = EVAL_BATCH) -> np.ndarray:
+        """Uncalibrated log-probabilities of uint8 images at the input size, under the test-time variant."""
+        flipped = self.logits(batch, batch_size, flip=True) if self.tta == "hflip" else None
+        return variant_logprobs(self.logits(batch, batch_size), flipped, self.tta)
 
     def probs(self, images: list[torch.Tensor], batch_size: int = EVAL_BATCH) -> np.ndarray:
         return calibrated(self.logprobs(self.prepare(images), batch_size), self.temperature)
