@@ -206,4 +206,40 @@ def test_the_first_worker_measures_makes_prints_and_logs_the_plan(tmp_path, trac
     logged = json.loads(Path(MlflowClient().download_artifacts(session.parent_run_id, "plan.json",
                                                                str(tmp_path / "dl"))).read_text())
     assert logged["final_seconds"] == plan.final_seconds and logged["text"] == plan.lines()
-    assert "speed of cnn_v1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "speed of cnn_v1" in err and "speed of cnn_v2: not measured" not in err
+    assert set(logged["speeds"]) == {"cnn_v1", "cnn_v2"}  # a pair of 20-image passes is affordable: both
+
+
+def test_a_budget_where_no_pair_can_get_its_passes_measures_the_primary_member_only(tmp_path, tracking_here, capsys):
+    from pipeline.tune import open_session
+    from pipeline.tune.phases import session_plan
+    from pipeline.tune.session import session_budget
+
+    preset = _budget_preset(tmp_path, pair_min_passes=1_000_000)
+    session = open_session(preset, "plan", "m", f"sqlite:///{tmp_path / 'optuna.db'}",
+                           clock=FakeClock(50_000.0, 0.05))
+    plan, made = session_plan(session, session_budget(session.studies["cnn_v1"], "40s", 10, session.clock))
+    err = capsys.readouterr().err
+    assert made and plan.final_members == ("cnn_v1",)
+    assert "speed of cnn_v1: " in err and "speed of cnn_v2: not measured" in err
+    assert "training images/s" not in err.split("speed of cnn_v2")[1]
+
+
+def test_the_other_members_speeds_are_measured_only_when_a_pair_could_use_them():
+    from pipeline.tune.plan import pair_affordable
+
+    fast = {"cnn_v1": Speed(100.0, 0.002)}
+    forty = PlanSettings(0.6, 0.1, 2, 3, pair_min_passes=40)
+    # 10 minutes on a CPU core: 2,500 images at 100/s is 25 s a pass; half of (600 - 20 - 60) s minus a
+    # run's overhead (2 x 500 x 0.002 + 6 = 8 s) is 252 s: ~10 passes, under the 40 a pair needs.
+    assert not pair_affordable(fast, 600, 20, 60, 2500, 500, forty)
+    # Two hours: half of 7,120 s minus 8 s is ~142 passes each: a pair may be planned, so measure the rest.
+    assert pair_affordable(fast, 7200, 20, 60, 2500, 500, forty)
+    # The boundary, by hand: 40 passes = 1,000 s; + 8 s overhead = 1,008 s a run; x 2 + 80 s = 2,096 s.
+    assert pair_affordable(fast, 2096.0, 20, 60, 2500, 500, forty)
+    assert not pair_affordable(fast, 2095.0, 20, 60, 2500, 500, forty)
+    # A plan made from the primary member alone says why there is no pair.
+    plan = make_plan(fast, 600, 20, 60, 2500, 500, forty)
+    assert plan.final_members == ("cnn_v1",)
+    assert "no other member's speed measured" in " ".join(plan.reasons)

@@ -27,7 +27,7 @@ from ..train.checkpoint import load_checkpoint
 from ..train.speed import measure_speed
 from . import keys
 from .budget import Budget
-from .plan import Plan, PlanSettings, Speed, make_plan
+from .plan import Plan, PlanSettings, Speed, make_plan, pair_affordable
 from .session import Session
 from .storage import storage_lock
 
@@ -58,19 +58,23 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
     stored = first.user_attrs.get(keys.PLAN)
     if stored:
         return Plan.from_dict(stored), False
-    preset, data = session.preset, session.data
+    preset, data, s = session.preset, session.data, session.preset.study
+    settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_rung_passes, s.min_configs, s.pair_min_passes,
+                            s.final_min_passes)
+    sizes = (len(data.train), len(data.validation), settings, len(session.audit) if session.audit is not None else 0)
     speeds = {}
-    for arch in preset.study.members:
+    for arch in s.members:
         model_cfg = replace(preset.model, arch=arch, num_classes=data.num_classes)
         rate, eval_rate = measure_speed(model_cfg, data, preset.data, preset.train)
         speeds[arch] = Speed(rate, eval_rate)
         say(f"speed of {arch}: {rate:.0f} training images/s, {1 / eval_rate:.0f} evaluated images/s")
-    s = preset.study
-    settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_rung_passes, s.min_configs, s.pair_min_passes,
-                            s.final_min_passes)
-    plan = make_plan(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds,
-                     len(data.train), len(data.validation), settings,
-                     len(session.audit) if session.audit is not None else 0)
+        if not pair_affordable(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds, *sizes):
+            rest = [a for a in s.members if a not in speeds]
+            if rest:
+                say(f"speed of {', '.join(rest)}: not measured (two {arch} runs cannot get "
+                    f"{s.pair_min_passes:g} passes each in this budget: no pair can)")
+            break
+    plan = make_plan(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds, *sizes)
     first.set_user_attr(keys.PLAN, plan.to_dict())
     log_plan(session, plan, speeds)
     return plan, True

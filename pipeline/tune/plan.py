@@ -129,6 +129,20 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
     raise AssertionError("the last option always applies")
 
 
+def pair_affordable(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: float, tail_seconds: float,
+                    train_images: int, selection_images: int, settings: PlanSettings, audit_images: int = 0) -> bool:
+    """Whether a pair could still be planned, given the primary member's speed (``speeds``' first) and
+    ``make_plan``'s other inputs. When even two runs of the primary member cannot get their passes in
+    half the time (in what one run's tail leaves, the most any pair gets), no pair can: the other members' speeds cannot change
+    the plan, and measuring them would only spend the budget (~10 s for cnn_v2 on a CPU core)."""
+    first = next(iter(speeds))
+    alone = _Budgeting({first: speeds[first]}, budget_seconds, setup_seconds, tail_seconds, train_images,
+                       selection_images, settings, audit_images)
+    # Every pair has the primary member in it, with at most half of the time that one run alone leaves.
+    half = alone.usable((first,)) / 2
+    return passes_in(half, speeds[first], train_images, selection_images) >= settings.pair_min_passes
+
+
 @dataclass(frozen=True)
 class _Budgeting:
     """``make_plan``'s inputs and the arithmetic each option is judged by."""
@@ -180,6 +194,10 @@ class _Budgeting:
                         (alone, self.usable(alone), "one member with the whole time")]
 
     def pair_note(self) -> str:
+        if len(self.members) == 1:
+            passes = self.passes(self.usable((self.members[0],) * 2), (self.members[0],) * 2)[self.members[0]]
+            return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; half the time buys "
+                    f"{self.members[0]} {passes:.1f} (no other member's speed measured: none could pair)")
         everyone = tuple(self.members)
         bought = self.passes(self.usable(everyone), everyone).values()
         return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; the whole time split between "
