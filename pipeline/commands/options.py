@@ -45,6 +45,9 @@ class BaselineOptions:
 class TuneOptions:
     setup_only: bool = setting(False, "create the storages, studies and parent run, then exit (before starting "
                                       "workers)")
+    trials_only: bool = setting(False, "run trials (search, then final runs or refits) until none is left to "
+                                       "admit, then exit: no waiting for other workers, no ensemble (how --jobs-as "
+                                       "processes starts its workers)")
 
 
 @dataclass(frozen=True)

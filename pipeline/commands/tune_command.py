@@ -8,5 +8,5 @@ from .options import TuneOptions
 
 
 def main(preset: Preset, opts: TuneOptions, progress: bool) -> int:
-    run_tuning(preset, WorkerOptions(progress=progress, setup_only=opts.setup_only))
+    run_tuning(preset, WorkerOptions(progress=progress, setup_only=opts.setup_only, trials_only=opts.trials_only))
     return 0

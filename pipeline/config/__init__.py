@@ -11,6 +11,7 @@ from .presets import (
                       model_from_dict,
                       override,
                       preset_path,
+                      preset_yaml,
                       to_dict,
                       train_from_dict,
 )
@@ -31,7 +32,7 @@ from .sections import (
 from .space import Choice, Range, SearchSpace, field_type, param_name
 
 __all__ = ["ConfigError", "EXPERIMENTS_DIR", "data_from_dict", "flat_params", "load_preset", "model_from_dict",
-           "override", "preset_path", "to_dict", "train_from_dict", "DEFAULT_DATA", "EVAL_BATCH", "NUM_CLASSES",
-           "SECTIONS",
+           "override", "preset_path", "preset_yaml", "to_dict", "train_from_dict", "DEFAULT_DATA", "EVAL_BATCH",
+           "NUM_CLASSES", "SECTIONS",
            "DataConfig", "ModelConfig", "Preset", "StudyConfig", "TrackingConfig", "TrainConfig",
            "parse_class_weights", "parse_duration", "Choice", "Range", "SearchSpace", "field_type", "param_name"]

@@ -11,7 +11,7 @@ import yaml
 
 from .fields import ConfigError
 from .sections import SECTIONS, DataConfig, ModelConfig, Preset, StudyConfig, TrainConfig
-from .space import SearchSpace, parse_space
+from .space import Choice, SearchSpace, parse_space
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent.parent / "experiments"
 
@@ -78,6 +78,23 @@ def override(obj: Any, **changes: Any) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value as YAML ``load_preset`` reads back: a space as its preset form, tuples as lists."""
+    if isinstance(value, SearchSpace):
+        return {key: list(d.values) if isinstance(d, Choice) else dataclasses.asdict(d) for key, d in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def preset_yaml(preset: Preset) -> str:
+    """``preset`` as a YAML preset that ``load_preset`` reads back equal (how ``tune`` hands its
+    resolved settings to the worker processes it starts)."""
+    raw: dict[str, Any] = {"name": preset.name}
+    for section in SECTIONS:
+        obj = getattr(preset, section)
+        raw[section] = {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def flat_params(preset: Preset, sections: tuple[str, ...] = ("data", "model", "train")) -> dict[str, Any]:

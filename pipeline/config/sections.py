@@ -33,6 +33,7 @@ PRUNERS: dict[str, str] = {
     "always": "tests only: prunes every trial at its first report once the study has a complete trial",
 }
 ENSEMBLE_METHODS = (*RULES, "best")  # best: every rule is searched, the selection winner kept
+JOBS_AS = ("auto", "threads", "processes")  # tune/launcher.py: how study.n_jobs runs
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,11 @@ class StudyConfig:
     name: str | None = setting(None, "study name; member studies are <name>.<arch> (default: the preset's name)")
     storage: str | None = setting(None, "Optuna storage URL (default: sqlite optuna.db beside mlflow.db)")
     model_name: str = setting("deepfake-ensemble", "registered model name")
-    n_jobs: int = setting(1, "trials in parallel in this process (threads; several trials on one GPU)")
+    n_jobs: int = setting(1, "trials at once on this machine (several on one GPU): in threads of this process or in "
+                             "worker processes, as study.jobs_as says")
+    jobs_as: str = setting("auto", "how n_jobs > 1 runs: threads (one process), processes (this worker starts "
+                                   "n_jobs - 1 more on the same storage and waits for them), auto (processes on "
+                                   "CUDA, threads on the CPU)", choices=JOBS_AS)
     time_budget: str | None = setting(None, "wall clock of the whole session, shared by all its workers: 30m, 2h, "
                                             "90s; a plan made from measured speeds splits it into search, final "
                                             "runs, ensemble and registration (train: the run's length)")

@@ -6,6 +6,7 @@
 - ``plan`` and ``budget``: the time budget's arithmetic (pure) and its phases on the clock
 - ``phases``: the plan made and logged, defaults first, final runs or refits
 - ``workers``: admission against the budget, member studies, threads, lost workers
+- ``launcher``: ``--n-jobs`` as worker processes started, awaited and stopped by this one
 - ``trial``: one trial as one nested run, and how it ends (told first, then its run closed)
 - ``sampling``: the preset's search space into one trial's plain configs (``suggest``)
 - ``pruners``: pruners by name and the pruning report listener

@@ -1,11 +1,11 @@
 """``tune``: one session as a list of steps, each one call with the progress line it prints.
 
-set up (studies, parent run, data) → start the clock (budget and plan) → search the member studies
-→ final runs (or refits) → wait for other workers → ensemble search → audit and registration →
-summary. Each member study is an Optuna study whose trials are nested MLflow runs under the
-session's parent run; once every member study holds its budget (in this worker or others), exactly
-one worker builds the ensemble from the top trials' stored probabilities and registers it as
-``@challenger``.
+set up (studies, parent run, data) → start the clock (budget and plan) → start the other worker
+processes of ``--n-jobs`` (``launcher``) → search the member studies → final runs (or refits) → wait
+for other workers → ensemble search → audit and registration → summary. Each member study is an
+Optuna study whose trials are nested MLflow runs under the session's parent run; once every member
+study holds its budget (in this worker or others), exactly one worker builds the ensemble from the
+top trials' stored probabilities and registers it as ``@challenger``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .budget import Clock
 from .candidates import candidate_fingerprint, load_candidates
 from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_summary
 from .figures import log_session_figures, log_study_figures
+from .launcher import launched
 from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
 from .session import Session, open_session, session_budget
 from .storage import storage_lock
@@ -56,6 +57,7 @@ class WorkerOptions:
     experiment: str | None = None  # default: preset.tracking.experiment
     progress: bool = True  # progress bars on a terminal
     setup_only: bool = False  # create the storage, studies and parent run, then stop
+    trials_only: bool = False  # run trials until none is left to admit, then stop (no waiting, no ensemble)
     clock: Clock = time.time  # the wall clock of the time budget (a fake in tests)
 
 
@@ -68,10 +70,14 @@ def run_tuning(preset: Preset, options: WorkerOptions = WorkerOptions()) -> Tune
     if options.setup_only:
         return None
     session = start_clock(session, entered)  # prints the plan of a time budget
-    with parent_closed_on_failure(session):
-        search(session, options.progress)  # [1/3] member studies
-        final_runs(session, options.progress)  # "final runs: ..." or "refit: ..."
-        finish_others_work(session, options.progress)
+    with parent_closed_on_failure(session), launched(session) as jobs:  # --n-jobs as processes: starts them
+        search(session, options.progress, jobs.threads)  # [1/3] member studies
+        final_runs(session, options.progress, jobs.threads)  # "final runs: ..." or "refit: ..."
+        jobs.wait()  # the worker processes started here, if any
+        if options.trials_only:
+            say("this worker's trials are done; the ensemble is left to the session's other workers")
+            return None
+        finish_others_work(session, options.progress, jobs.threads)
         members = {arch: member_summary(session, arch) for arch in preset.study.members}
         ensemble, version = ensemble_and_register(session)  # [2/3] ensemble search, [3/3] registration
         close_session(session, members)
@@ -107,15 +113,15 @@ def parent_closed_on_failure(session: Session) -> Iterator[None]:
         raise
 
 
-def search(session: Session, progress: bool) -> None:
+def search(session: Session, progress: bool, threads: int) -> None:
     """Each member study's search trials (its default configuration first in a time budget)."""
     members_phase(session)
     if session.plan is not None:
         enqueue_defaults(session, session.plan)
-    run_members(session, session.preset.study.n_jobs, progress)
+    run_members(session, threads, progress)
 
 
-def final_runs(session: Session, progress: bool) -> None:
+def final_runs(session: Session, progress: bool, threads: int) -> None:
     """The plan's final runs in a time budget; refits of each member's best trial when asked for."""
     if session.plan is not None:
         finals = enqueue_finals(session, session.plan)
@@ -129,15 +135,15 @@ def final_runs(session: Session, progress: bool) -> None:
                 "checkpoints")
     else:
         return
-    run_members(session, session.preset.study.n_jobs, progress, refit=True)
+    run_members(session, threads, progress, refit=True)
 
 
-def finish_others_work(session: Session, progress: bool) -> None:
+def finish_others_work(session: Session, progress: bool, threads: int) -> None:
     """Wait for trials running in other workers; run here what a lost worker left re-queued; close
     the runs lost workers left open."""
     while settle(session):
-        run_members(session, session.preset.study.n_jobs, progress)
-        run_members(session, session.preset.study.n_jobs, progress, refit=True)
+        run_members(session, threads, progress)
+        run_members(session, threads, progress, refit=True)
     for arch in session.preset.study.members:
         close_lost_runs(session, arch)
 

@@ -16,6 +16,7 @@ SIGINT/SIGTERM, FAIL/KILLED, re-queued with the same parameters, and re-raised. 
 from __future__ import annotations
 
 import gc
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -143,6 +144,7 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
         except UpdateFinishedTrialError:
             outcome.lost = True  # another worker failed this trial (it saw no heartbeat) while it ran here
         except KeyboardInterrupt as exc:
+            release_interrupted(exc)
             outcome.failure = (f"interrupted ({exc or 'SIGINT'}); re-queued with the same parameters for the next "
                                "tune on this study")
             outcome.interrupted = True
@@ -155,6 +157,14 @@ def run_trial(session: Session, arch: str, trial: optuna.Trial, progress: bool =
         finally:
             train.release()
         return conclude(session, arch, trial, train.run_id, outcome)
+
+
+def release_interrupted(exc: BaseException) -> None:
+    """Free what the interrupted code held: an interrupt can land mid-read, and the store's cursor,
+    kept alive by the traceback's frames, would hold the database's shared lock (SQLite) until the
+    process exits, stalling this worker's closing writes and every other worker's."""
+    traceback.clear_frames(exc.__traceback__)
+    gc.collect()  # the cursor sits in reference cycles of the store's objects
 
 
 class _TrialRun:
