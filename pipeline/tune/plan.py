@@ -133,8 +133,9 @@ def pair_affordable(speeds: dict[str, Speed], budget_seconds: float, setup_secon
                     train_images: int, selection_images: int, settings: PlanSettings, audit_images: int = 0) -> bool:
     """Whether a pair could still be planned, given the primary member's speed (``speeds``' first) and
     ``make_plan``'s other inputs. When even two runs of the primary member cannot get their passes in
-    half the time (in what one run's tail leaves, the most any pair gets), no pair can: the other members' speeds cannot change
-    the plan, and measuring them would only spend the budget (~10 s for cnn_v2 on a CPU core)."""
+    half the time (of what one run's tail leaves: the most any pair gets), no pair can: the other
+    members' speeds cannot change the plan, and measuring them would only spend the budget (~10 s for
+    cnn_v2 on a CPU core)."""
     first = next(iter(speeds))
     alone = _Budgeting({first: speeds[first]}, budget_seconds, setup_seconds, tail_seconds, train_images,
                        selection_images, settings, audit_images)
