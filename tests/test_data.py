@@ -39,6 +39,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.data import BatchAugmenter, DataError, Normalizer, load_dataset, summarize
 from pipeline.data.augment import NORMALIZATION, POLICIES, build_policy
+from pipeline.data.cache import file_pages, release_pages
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every decode.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -527,6 +528,34 @@ def test_cache_opens_memory_mapped(tmp_path: Path, tiny_dataset: Path) -> None:
             assert _mapped_from(split.images.data_ptr()) == str(split.cache_file), name
     # A tensor built in memory is not: the check can fail.
     assert _mapped_from(torch.zeros(1 << 20, dtype=torch.uint8).data_ptr()) != str(data.train.cache_file)
+
+
+def _rss_file() -> int:
+    return int(re.search(r"RssFile:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_released_cache_pages_leave_the_resident_set_and_the_images_readable(tmp_path: Path,
+                                                                             tiny_dataset: Path) -> None:
+    # A training set read once (a few epochs) would otherwise stay in the resident set whole.
+    path = tmp_path / "big.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, 48 << 20, dtype=np.uint8).reshape(-1, 3, 64, 64))
+    array = np.load(path, mmap_mode="c")
+    pages = file_pages(array)
+    assert pages is not None and file_pages(np.ones(3)) is None
+    before = _rss_file()
+    total = int(array.sum(dtype=np.uint64))  # every page read
+    read = _rss_file()
+    release_pages(pages)
+    assert read - before > 32 << 20 and read - _rss_file() > 32 << 20
+    assert int(array.sum(dtype=np.uint64)) == total  # the pages come back from the file, unchanged
+    release_pages(None)  # an array in memory: nothing to release
+    # A dataset releases every split's mapping; its images read the same afterwards.
+    data = load_dataset(config(tiny_dataset, tmp_path / "cache"))
+    assert all(split.pages is not None for split in data.splits.values())
+    expected = data.train.images.clone()
+    data.release_pages()
+    assert torch.equal(data.train.images, expected)
 
 
 def test_changed_image_invalidates_the_cache(tmp_path: Path, tiny_dataset: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from pipeline.data import load_dataset
 from pipeline.models import build_model
 from pipeline.train import DeviceError, class_weight_tensor, fit, predict_probs, resolve_device, resolve_precision
 from pipeline.train.checkpoint import ModelInterface, load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.train.host_memory import _malloc_trim, trim_heap
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +360,19 @@ def test_a_bad_lr_batch_names_its_setting() -> None:
 
     with pytest.raises(ConfigError, match="train.lr_batch"):
         TrainConfig(lr_batch=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_trim_heap_gives_freed_heap_blocks_back() -> None:
+    # What a run's freed activations leave: free blocks between live ones, which glibc keeps until trimmed.
+    if _malloc_trim() is None:
+        pytest.skip("not glibc")
+
+    def anon() -> int:
+        return int(re.search(r"RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    blocks = [np.ones(64 * 1024, np.uint8) for _ in range(2000)]  # 128 MB below glibc's mmap threshold
+    del blocks[::2]  # 64 MB of holes
+    held = anon()
+    trim_heap()
+    assert held - anon() > 32 * 2 ** 20

@@ -8,18 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-
-def memory_figures() -> dict[str, int]:
-    """Peak resident set (VmHWM) and, now, the anonymous and file-backed (shared, e.g. the
-    memory-mapped decode cache) parts of it, in bytes."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
+from ..train.host_memory import memory_figures
 
 
 def main(argv: list[str]) -> int:

@@ -88,6 +88,7 @@ def audit_accuracy(result, preset: Preset, audit, device) -> dict[str, float]:
     model = model.to(device, memory_format=torch.channels_last)
     probs = predict_probs(model, audit.images, Normalizer(preset.data.normalize, device), device, result.precision,
                           preset.train.eval_batch_size)
+    audit.release_pages()
     correct = int((probs.argmax(1) == audit.labels).sum())
     low, high = wilson(correct, len(audit))
     return {M.AUDIT_ACCURACY: correct / len(audit), f"{M.AUDIT_ACCURACY}_low": low,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import tempfile
 import warnings
@@ -127,6 +128,21 @@ def load_images(paths: tuple[Path, ...], image_size: int | None, cache_dir: Path
         return images, hashes, None, False
     del images  # the file's pages from here on, not a private copy
     return np.load(cache_file, mmap_mode="c"), hashes, cache_file, False
+
+
+def file_pages(array: np.ndarray) -> mmap.mmap | None:
+    """The file mapping behind a cache array loaded memory-mapped (None: an array in memory)."""
+    return array.base if isinstance(array.base, mmap.mmap) else None
+
+
+def release_pages(pages: mmap.mmap | None) -> None:
+    """Unmap this process's resident pages of a cache file mapping (``MADV_DONTNEED``). Its resident
+    set stops counting the images read so far (a whole training set after a few epochs); the pages
+    stay in the page cache, so reading an image again is a minor fault, not a disk read. The mapping
+    is copy-on-write and nothing writes into it, so nothing is lost. A no-op where the platform has
+    no such advice."""
+    if pages is not None and not pages.closed and hasattr(mmap, "MADV_DONTNEED"):
+        pages.madvise(mmap.MADV_DONTNEED)
 
 
 def _write_atomic(path: Path, array: np.ndarray, raw: bool = False) -> bool:

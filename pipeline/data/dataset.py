@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import DEFAULT_DATA, DataConfig
-from .cache import default_cache_dir, load_images
+from .cache import default_cache_dir, file_pages, load_images, release_pages
 from .layout import DataError, DatasetIndex, index_dataset
 from .synth import synthesize
 
@@ -25,6 +26,7 @@ class Split:
     cache_file: Path | None = None
     cache_hit: bool = False
     hashes: np.ndarray | None = None  # N x 32 uint8: SHA-256 of each image's decoded pixels
+    pages: mmap.mmap | None = None  # the cache file mapping ``images`` reads (None: images in memory)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -38,6 +40,11 @@ class Split:
         return Split(name or self.name, self.images[index], None if self.labels is None else self.labels[index],
                      [self.ids[i] for i in rows], self.cache_file, self.cache_hit,
                      None if self.hashes is None else self.hashes[np.asarray(rows, dtype=np.int64)])
+
+    def release_pages(self) -> None:
+        """Drop the pages of the cache file read so far from this process's resident set (see
+        ``cache.release_pages``); the images stay readable."""
+        release_pages(self.pages)
 
     def counts(self, num_classes: int) -> list[int]:
         if self.labels is None:
@@ -65,6 +72,13 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def release_pages(self) -> None:
+        """Every split's ``release_pages``: after an epoch or an evaluation pass, the memory-mapped
+        images it read stop counting in this process's resident set."""
+        for split in (self.train, self.validation, self.test, *self.splits.values()):
+            if split is not None:
+                split.release_pages()
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -115,7 +129,7 @@ def _load_split(index: DatasetIndex, name: str, image_size: int | None, cache_di
     entry = index.splits[name]
     array, hashes, cache_file, hit = load_images(entry.paths, image_size, cache_dir, name)
     labels = torch.tensor(entry.labels, dtype=torch.int64) if entry.labels is not None else None
-    return Split(name, torch.from_numpy(array), labels, list(entry.ids), cache_file, hit, hashes)
+    return Split(name, torch.from_numpy(array), labels, list(entry.ids), cache_file, hit, hashes, file_pages(array))
 
 
 def content_digest(classes: tuple[str, ...], splits: dict[str, Split]) -> str:

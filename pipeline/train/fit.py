@@ -21,6 +21,7 @@ from ..config import DataConfig, TrainConfig
 from ..data import BatchAugmenter, Dataset
 from ..rng import RunRandom, seeded_dropout
 from .device import on_device, resolve_device, resolve_precision
+from .host_memory import trim_heap
 from .loop import (
     EpochStats,
     FitResult,
@@ -173,6 +174,7 @@ class _Run:
                            total=None if self.length.timed else self.cfg.epochs)
         for epoch in epochs:
             row, last = self._epoch(epoch)
+            self.data.release_pages()  # the cached images this epoch read stop counting in the resident set
             self.tally.history.append(row)
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{self.tally.epoch_stats[-1].loss:.3f}",
@@ -180,6 +182,7 @@ class _Run:
             # In this order: a listener's stop first, then the run's end, then plateau's early stopping.
             if not self._reported(epoch, row) or last or self._stops_early(epoch):
                 break
+        trim_heap()  # the steps' freed activations go back to the system: the caller's next phase starts lean
         return self._result()
 
     def _epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
