@@ -85,9 +85,19 @@ def describe_search(s: dict[str, Any]) -> str:
 
 
 def describe_memory(m: dict[str, Any]) -> str:
-    phases = ", ".join(f"{p} cache {m[p]['VmHWM'] / 2**20:.0f} MiB (file-backed at exit {m[p]['RssFile'] / 2**20:.0f})"
-                       for p in ("cold", "warm") if p in m)
-    return f"memory: tune worker on {m['dataset']}: peak RSS {phases}; cache {m['cache_bytes'] / 2**20:.0f} MiB mapped"
+    """The worker's peak, then where it goes: each phase's peak and what stays after it (MiB)."""
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    w = m["worker"]
+    lines = [f"memory: tune worker on {m['dataset']} ({m['steps']} steps per member at batch {m['batch_size']}): "
+             f"peak RSS {mib(w['VmHWM'])} MiB; at exit anonymous {mib(w['RssAnon'])}, file-backed "
+             f"{mib(w['RssFile'])} ({w['seconds']:.0f} s)",
+             f"  {'phase':<16}{'peak':>7}{'+start':>8}{'after':>7}{'anon':>7}{'file':>7}  (MiB; one process, "
+             "import torch alone in its own)"]
+    for name, r in m["phases"].items():
+        lines.append(f"  {name:<16}{mib(r['peak']):>7}{mib(r['peak'] - r['start']) if r['start'] else '':>8}"
+                     f"{mib(r['rss']):>7}{mib(r['anon']):>7}{mib(r['file']):>7}"
+                     + ("  (cache cold: decoded here)" if r.get("cache_hit") == 0 else ""))
+    return "\n".join(lines)
 
 
 def describe_compile(c: dict[str, Any]) -> str:
@@ -145,10 +155,10 @@ def format_table(out: dict[str, Any]) -> str:
                          f"{a['train_flops_per_image'] / 1e9:.3f} GFLOP/img"))
     if "memory" in out:
         m = out["memory"]
-        rows.append(("tune worker peak RSS MiB " + " / ".join(p for p in ("cold", "warm") if p in m), "-",
-                     " / ".join(f"{m[p]['VmHWM'] / 2**20:.0f}" for p in ("cold", "warm") if p in m),
-                     f"target < {TARGETS['peak_rss_bytes'] / 2**20:.0f}; "
-                     f"cache {m['cache_bytes'] / 2**20:.0f} MiB mapped"))
+        train_peak = max(r["peak"] for name, r in m["phases"].items() if name.startswith("train "))
+        rows.append(("tune worker peak RSS MiB", "-", f"{m['peak_rss_bytes'] / 2**20:.0f}",
+                     f"target < {TARGETS['peak_rss_bytes'] / 2**20:.0f}; breakdown: training steps peak "
+                     f"{train_peak / 2**20:.0f}"))
     for arch, row in out.get("compile", {}).get("archs", {}).items():
         for mode in out["compile"]["modes"]:
             f = row[mode]

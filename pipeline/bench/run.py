@@ -17,7 +17,7 @@ One process, one dataset, the same architectures. Sections (each skippable with 
 Two more, minutes each, only when asked (``also``):
 
 - ``memory``: the peak resident set of a real ``tune`` worker process on the ``full`` synthetic
-  preset (competition size), cache cold and warm (memory-mapped).
+  preset (competition size; kept and reused with its decode cache), and where it goes phase by phase.
 - ``compile``: ``torch.compile`` modes against eager, training step and evaluation.
 
 ``run_bench`` prints a table and, last, one JSON line with every figure, and returns the same dict.
@@ -168,5 +168,5 @@ class _Sections:
             self.run("compile", lambda: bench_compile(s.archs, data.num_classes, data.image_shape, self.device,
                                                       s.precision, opt.compile_steps, s.seed), describe_compile)
         if "memory" in s.also:
-            self.run("memory", lambda: bench_memory(self.tmp_dir, opt.memory_root, opt.memory_images_per_epoch,
+            self.run("memory", lambda: bench_memory(self.tmp_dir, self.preset, opt.memory_root, opt.memory_steps,
                                                     s.seed), describe_memory)

@@ -67,8 +67,8 @@ class OptInSettings:
     """The opt-in sections' own knobs (``also``). Not figures' settings of the default run: kept out of
     the JSON line's ``settings``."""
 
-    memory_root: str | None = None  # default: the ``full`` synthetic preset, made in the bench's temp dir
-    memory_images_per_epoch: int = 256
+    memory_root: str | None = None  # default: the ``full`` synthetic preset, kept beside the decode cache
+    memory_steps: int = 3  # training steps per member at the preset's largest batch
     compile_steps: int = 10
 
 
