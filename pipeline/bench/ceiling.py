@@ -9,7 +9,7 @@ import torch
 from ..config import ModelConfig
 from ..data import Dataset
 from ..models import build_model
-from ..train import bf16_supported, synchronize
+from ..train import bf16_native, synchronize
 from .settings import REFERENCE_BATCH, BenchSettings
 from .timing import time_repeated
 
@@ -46,7 +46,7 @@ def bench_ceiling(settings: BenchSettings, data: Dataset, training: dict[str, An
     peaks = {"fp32": matmul_flops(settings.matmul_size, torch.float32, device), "bf16": float("nan")}
     # Without native bf16 (AVX2-only CPUs) torch emulates it at ~1 GFLOP/s: a 2048^3 matmul would
     # take minutes and measure nothing our training uses (precision auto picks fp32 there).
-    if bf16_supported(device):
+    if bf16_native(device):
         peaks["bf16"] = matmul_flops(settings.matmul_size, torch.bfloat16, device)
     out: dict[str, Any] = {"matmul_size": settings.matmul_size, "matmul_fp32_flops": peaks["fp32"],
                            "matmul_bf16_flops": peaks["bf16"], "archs": {}}

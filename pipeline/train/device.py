@@ -28,14 +28,23 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """bf16 runs here at all (on a CPU oneDNN emulates it with AVX512 alone: correct, but slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def bf16_native(device: torch.device) -> bool:
+    """bf16 in hardware: CUDA's bf16, or a CPU with AVX512-BF16 or AMX (3-4x fp32 for these CNNs).
+    An AVX512 CPU without them (e.g. Ice Lake) passes ``bf16_supported`` but emulates it, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
+        return "bf16" if bf16_native(device) else "fp32"
     if precision == "bf16" and not bf16_supported(device):
         raise DeviceError(f"precision bf16 is not supported on {device}; use --precision fp32 or auto")
     return precision
