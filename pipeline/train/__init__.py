@@ -22,7 +22,8 @@ from .loop import (
 from .recipe import build_and_fit
 from .schedule import Deadline, lr_factor
 
-__all__ = ["DeviceError", "autocast", "bf16_native", "bf16_supported", "resolve_device", "resolve_precision", "synchronize",
+__all__ = ["DeviceError", "autocast", "bf16_native", "bf16_supported", "resolve_device", "resolve_precision",
+           "synchronize",
            "fit", "EpochStats", "FitResult", "NonFiniteLossError", "Report", "StopTraining", "TrainStep",
            "class_weight_tensor", "evaluate", "predict_logits", "predict_probs", "seed_everything", "train_one_epoch",
            "build_and_fit", "Deadline", "lr_factor"]
