@@ -31,7 +31,7 @@ import torch
 
 from ..data.synth import synthesize
 from ..train import resolve_device, resolve_precision
-from .settings import machine_info
+from .settings import machine_info, subprocess_env
 from .step_speed import images_per_second, outside_kernels, step_bench, sync_debug_step
 
 MODEL_NAME = "gpu-check"
@@ -101,12 +101,8 @@ def step_figures(s: GpuCheckSettings, say: Callable[[str], None]) -> tuple[dict[
 
 
 def child_env(workdir: Path) -> dict[str, str]:
-    """The tune process's environment: its own tracking store and cache in ``workdir``."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-           "DEEPFAKE_TUNE_CACHE": str(workdir / "cache"), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
+    """The tune and predict processes' environment: their own tracking store and cache in ``workdir``."""
+    return subprocess_env(workdir, workdir / "cache")
 
 
 def tune_to_registry(s: GpuCheckSettings, root: Path, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:

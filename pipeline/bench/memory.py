@@ -20,7 +20,6 @@ by later benches (a cold cache is decoded by the breakdown's data phase, which s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -74,9 +73,9 @@ def worker_preset(preset: Preset, root: Path, steps: int) -> dict[str, Any]:
 def run_python(args: list[str], workdir: Path, cache: Path) -> tuple[str, float]:
     """``python ARGS`` in ``workdir`` with its own tracking store and the bench's decode cache;
     returns (stdout, seconds)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-           "DEEPFAKE_TUNE_CACHE": str(cache), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_RUN_ID", None)
+    from .settings import subprocess_env  # here: this module also runs as the probe, whose imports it measures
+
+    env = subprocess_env(workdir, cache)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -105,6 +105,16 @@ def _parse_sections(spec: str | None, known: tuple[str, ...], flag: str) -> tupl
     return names
 
 
+def subprocess_env(workdir: Path, cache: Path) -> dict[str, str]:
+    """A ``python -m pipeline`` child's environment: its own tracking store in ``workdir``, the decode
+    cache ``cache``, no telemetry, and never the caller's ``MLFLOW_RUN_ID``."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+           "DEEPFAKE_TUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
 def loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
