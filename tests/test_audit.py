@@ -250,6 +250,15 @@ def _search(logits, labels, step=0.05):
     return search(views, ["cnn_v1", "cnn_v2"][:len(logits)], labels, ("soft", "confidence"), step, 0)
 
 
+def test_mirror_votes_are_searched_only_when_allowed():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 200)
+    logits = [_informative(rng, y, 1.5), _informative(rng, y, 1.5)]
+    flipped = [_informative(rng, y, 1.5), _informative(rng, y, 1.5)]
+    assert {v for _, v in calibrate(logits, flipped, y)} == {"none", "hflip"}
+    assert {v for _, v in calibrate(logits, flipped, y, mirror=False)} == {"none"}
+
+
 def test_the_search_gives_all_weight_to_a_member_when_the_other_is_noise():
     for seed in range(3):
         rng = np.random.default_rng(seed)

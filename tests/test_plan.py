@@ -12,7 +12,7 @@ import pytest
 from workers import FakeClock
 
 from pipeline.tune.phases import final_choice
-from pipeline.tune.plan import Plan, PlanSettings, Speed, make_plan
+from pipeline.tune.plan import Plan, PlanSettings, Speed, make_plan, mirror_fits
 
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
               pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")]
@@ -88,15 +88,25 @@ def test_a_slow_second_member_gives_way_to_a_second_seed_of_the_first():
     assert "two seeds" in "\n".join(plan.lines())
 
 
-def test_the_tail_pays_for_the_audit_of_each_final_run():
-    # 2,000 audit images, plain and mirrored, at 0.002 s an image: 8 s a final run on top of the 20 s.
+def test_the_tail_pays_for_one_audit_pass_of_each_final_run():
+    # 2,000 audit images, plain only, at 0.002 s an image: 4 s a final run on top of the 20 s.
     speeds = {"a": Speed(50.0, 0.002), "b": Speed(25.0, 0.004)}
     one = make_plan(speeds, 600, 20, 20, 2500, 500, SETTINGS, audit_images=2000)
-    assert one.final_members == ("a",) and one.tail_seconds == pytest.approx(20 + 8)
-    assert one.final_seconds == pytest.approx(600 - 20 - 28)
+    assert one.final_members == ("a",) and one.tail_seconds == pytest.approx(20 + 4)
+    assert one.audit_pass_seconds == pytest.approx(4)
+    assert one.final_seconds == pytest.approx(600 - 20 - 24)
     both = make_plan({"a": Speed(100.0, 0.001), "b": Speed(100.0, 0.001)}, 3600, 30, 20, 2500, 500, SETTINGS,
                      audit_images=2000)
-    assert both.final_members == ("a", "b") and both.tail_seconds == pytest.approx(20 + 4 + 4)
+    assert both.final_members == ("a", "b") and both.tail_seconds == pytest.approx(20 + 2 + 2)
+    assert both.audit_pass_seconds == pytest.approx(4)
+
+
+def test_a_mirror_vote_is_allowed_only_when_the_time_left_pays_for_its_audit_pass():
+    # 30 s for the ensemble and registration, a 36-s audit pass plain and one mirrored: 102 s.
+    assert mirror_fits(102.0, 30.0, 36.0)
+    assert not mirror_fits(101.9, 30.0, 36.0)
+    assert not mirror_fits(66.0, 30.0, 36.0)  # what the plan kept: one pass
+    assert mirror_fits(30.0, 30.0, 0.0)  # no audit split: nothing to pay
 
 
 def test_a_plan_survives_the_storage_round_trip():
@@ -243,3 +253,28 @@ def test_the_other_members_speeds_are_measured_only_when_a_pair_could_use_them()
     plan = make_plan(fast, 600, 20, 60, 2500, 500, forty)
     assert plan.final_members == ("cnn_v1",)
     assert "no other member's speed measured" in " ".join(plan.reasons)
+
+
+def test_the_ensemble_leaves_mirror_votes_out_when_their_audit_does_not_fit_the_time_left(tmp_path, tracking_here,
+                                                                                           capsys):
+    from dataclasses import replace
+
+    from pipeline.tune import open_session
+    from pipeline.tune.phases import session_plan
+    from pipeline.tune.run import mirror_votes
+    from pipeline.tune.session import session_budget
+
+    clock = FakeClock(50_000.0, 0.0)
+    session = open_session(_budget_preset(tmp_path), "plan", "m", f"sqlite:///{tmp_path / 'optuna.db'}", clock=clock)
+    budget = session_budget(session.studies["cnn_v1"], "40s", 10, clock)
+    plan, _ = session_plan(session, budget)
+    session = replace(session, budget=budget, plan=plan)
+    assert plan.audit_pass_seconds > 0  # 5 labelled test images: the audit split
+    need = 10 + 2 * plan.audit_pass_seconds  # the preset's 10-s tail, the audit plain and mirrored
+    clock.now = budget.end - need
+    assert mirror_votes(session)
+    clock.now = budget.end - need + 0.5
+    assert not mirror_votes(session)
+    assert "mirror-image votes left out" in capsys.readouterr().err
+    assert mirror_votes(replace(session, budget=None))  # no budget: the search tries them
+    assert mirror_votes(replace(session, audit=None))  # no audit split: nothing to pay for

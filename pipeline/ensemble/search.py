@@ -58,9 +58,11 @@ def candidate_pairs(archs: list[str]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(archs)) for j in range(i + 1, len(archs)) if one_arch or archs[i] != archs[j]]
 
 
-def calibrate(logits: list[np.ndarray], flipped: list[np.ndarray | None], labels: np.ndarray) -> dict[tuple, View]:
-    """Every candidate under every available variant, with its fitted temperature."""
-    variants = VARIANTS if all(f is not None for f in flipped) else ("none",)
+def calibrate(logits: list[np.ndarray], flipped: list[np.ndarray | None], labels: np.ndarray,
+              mirror: bool = True) -> dict[tuple, View]:
+    """Every candidate under every available variant, with its fitted temperature (``mirror`` False:
+    plain only, as where a time budget cannot pay for the audit of the mirror images)."""
+    variants = VARIANTS if mirror and all(f is not None for f in flipped) else ("none",)
     views = {}
     for c, (z, zf) in enumerate(zip(logits, flipped, strict=True)):
         for v in variants:

@@ -85,9 +85,10 @@ def enough_candidates(candidates: list[Candidate], settings: StudyConfig, planne
 
 
 def build_ensemble(candidates: list[Candidate], labels: np.ndarray, ids: list[str], classes: tuple[str, ...],
-                   settings: StudyConfig, client, run_id: str) -> EnsembleResult:
-    """Calibrate, search, and log the choice into ``run_id`` (selection split only)."""
-    views = calibrate([c.logits for c in candidates], [c.logits_flipped for c in candidates], labels)
+                   settings: StudyConfig, client, run_id: str, mirror: bool = True) -> EnsembleResult:
+    """Calibrate, search, and log the choice into ``run_id`` (selection split only); ``mirror`` False
+    leaves the mirror-image votes out of the search."""
+    views = calibrate([c.logits for c in candidates], [c.logits_flipped for c in candidates], labels, mirror)
     rules = rules_of(settings)
     choice, ranked = search(views, [c.arch for c in candidates], labels, rules, settings.ensemble_weight_step,
                             settings.sampler_seed)
@@ -96,13 +97,13 @@ def build_ensemble(candidates: list[Candidate], labels: np.ndarray, ids: list[st
     result = EnsembleResult(run_id, a, b, choice.weight, choice.rule, choice.variant_a, choice.variant_b,
                             va.temperature, vb.temperature, choice.accuracy, choice.nll,
                             views[(choice.a, "none")].accuracy, views[(choice.b, "none")].accuracy, len(labels))
-    _log_choice(client, result, len(candidates), settings, rules)
+    _log_choice(client, result, len(candidates), settings, rules, mirror)
     _log_selection_outputs(client, result, _pair_rows(candidates, ranked), va, vb, labels, ids, classes)
     return result
 
 
 def _log_choice(client, result: EnsembleResult, n_candidates: int, settings: StudyConfig,
-                rules: tuple[str, ...]) -> None:
+                rules: tuple[str, ...], mirror: bool) -> None:
     """The choice as the run's params (what was chosen, from how many candidates, by which rule) and metrics."""
     a, b, run_id = result.member_a, result.member_b, result.run_id
     tracking.log_params(client, run_id, {
@@ -110,7 +111,7 @@ def _log_choice(client, result: EnsembleResult, n_candidates: int, settings: Stu
         "weight": round(result.weight, 6), "method": result.method, "tta_a": result.variant_a,
         "tta_b": result.variant_b, "temperature_a": round(result.temperature_a, 4),
         "temperature_b": round(result.temperature_b, 4), "candidates": n_candidates, "top_k": settings.top_k,
-        "rules": ",".join(rules), "weight_step": settings.ensemble_weight_step,
+        "rules": ",".join(rules), "weight_step": settings.ensemble_weight_step, "mirror_votes": mirror,
         "chosen_by": "lowest selection NLL with selection accuracy >= the better member's",
     })
     tracking.log_metrics(client, run_id, {

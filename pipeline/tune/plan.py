@@ -51,6 +51,8 @@ class Plan:
     selection_noise: float  # standard error of an accuracy near 75 % on the selection split: a searched
     # configuration replaces the default in the final runs only when it beat it by at least this much
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    audit_pass_seconds: float = 0.0  # one pass of the final runs over the audit images (in the tail): what a
+    # mirror vote would cost again, so the ensemble may choose one only where the time left pays for it
 
     @property
     def search(self) -> bool:
@@ -85,6 +87,13 @@ class Plan:
         return out
 
 
+def mirror_fits(seconds_left: float, tail_seconds: float, audit_pass_seconds: float) -> bool:
+    """Whether the ensemble may choose a mirror vote: the time left pays for the ensemble search and
+    registration (``tail_seconds``) and two audit passes, plain and mirrored. (The plan kept one: on one
+    CPU core a 2,000-image pass is ~36 s, which the final run trains with instead.)"""
+    return seconds_left >= tail_seconds + 2 * audit_pass_seconds
+
+
 def pass_seconds(speed: Speed, train_images: int) -> float:
     return train_images / speed.images_per_second
 
@@ -111,8 +120,9 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
     ``min_configs`` runs per searching member, each of ``min_rung_passes`` at least, and must leave
     each final run ``final_min_passes`` (while the learning curve still climbs steeply, a longer final
     run is worth more than the search's best configuration over the default). The tail is
-    ``tail_seconds`` for the ensemble search and registration plus the audit of each final run (plain
-    and mirrored images) at its measured speed."""
+    ``tail_seconds`` for the ensemble search and registration plus one audit pass of each final run (its
+    plain images) at its measured speed; the mirrored pass is not kept for: the ensemble chooses a
+    mirror vote only where the time left then pays for it (``mirror_fits``)."""
     budgeting = _Budgeting(speeds, budget_seconds, setup_seconds, tail_seconds, train_images, selection_images,
                            settings, audit_images)
     reasons = [budgeting.pair_note()]
@@ -125,7 +135,8 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
         reasons.append(f"chose {label}: " + ", ".join(f"{a} ~{p:.1f} passes" for a, p in final_passes.items()))
         usable = budgeting.usable(chosen)
         return Plan(budget_seconds, setup_seconds, budgeting.tail(chosen), usable - final_seconds, final_seconds,
-                    chosen, float(rung), configs, final_passes, budgeting.noise, tuple(reasons))
+                    chosen, float(rung), configs, final_passes, budgeting.noise, tuple(reasons),
+                    budgeting.audit_pass(chosen))
     raise AssertionError("the last option always applies")
 
 
@@ -166,8 +177,11 @@ class _Budgeting:
         """One standard error of an accuracy near 75 % on the selection split."""
         return math.sqrt(0.75 * 0.25 / max(1, self.selection_images))
 
+    def audit_pass(self, chosen: tuple[str, ...]) -> float:
+        return self.audit_images * sum(self.speeds[a].eval_seconds_per_image for a in chosen)
+
     def tail(self, chosen: tuple[str, ...]) -> float:
-        return self.tail_seconds + 2 * self.audit_images * sum(self.speeds[a].eval_seconds_per_image for a in chosen)
+        return self.tail_seconds + self.audit_pass(chosen)
 
     def usable(self, chosen: tuple[str, ...]) -> float:
         return max(0.0, self.budget_seconds - self.setup_seconds - self.tail(chosen))

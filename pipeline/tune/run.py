@@ -38,6 +38,7 @@ from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_s
 from .figures import log_session_figures, log_study_figures
 from .launcher import launched
 from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
+from .plan import mirror_fits
 from .session import Session, open_session, session_budget
 from .storage import storage_lock
 from .trial import best_effort
@@ -211,7 +212,7 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | 
                                           "optuna.study": session.study_name})
         with tracking.run_guard(client, run_id):
             result = build_ensemble(candidates, data.validation.labels.numpy(), data.validation.ids, data.classes,
-                                    session.preset.study, client, run_id)
+                                    session.preset.study, client, run_id, mirror_votes(session))
             audit = None
             if session.audit is not None:  # every choice is made: now, and only now, the audit images
                 audit = audit_ensemble(result, session.audit.images, session.audit.labels.numpy(),
@@ -226,6 +227,20 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | 
         M.SELECTION_ACCURACY: result.selection_accuracy,
         **({M.AUDIT_ACCURACY: audit[M.AUDIT_ACCURACY]} if audit else {})})
     return EnsembleOutcome(result, audit), version
+
+
+def mirror_votes(session: Session) -> bool:
+    """Whether the ensemble may choose mirror-image votes: always without a budget; within one, when
+    the time left pays for the audit of the mirror images too (the plan kept one audit pass)."""
+    budget, plan = session.budget, session.plan
+    if budget is None or plan is None or session.audit is None:
+        return True
+    left = budget.end - session.clock()
+    if mirror_fits(left, session.preset.study.tail_seconds, plan.audit_pass_seconds):
+        return True
+    say(f"mirror-image votes left out: {left:.0f} s left, and auditing them needs "
+        f"{session.preset.study.tail_seconds + 2 * plan.audit_pass_seconds:.0f} s with the ensemble and registration")
+    return False
 
 
 def member_summary(session: Session, arch: str) -> dict[str, Any]:
