@@ -385,3 +385,43 @@ def test_trim_heap_gives_freed_heap_blocks_back() -> None:
     held = anon()
     trim_heap()
     assert held - anon() > 32 * 2 ** 20
+
+
+@pytest.mark.parametrize(("n", "size", "expected"), [(8, None, [(0, 8)]), (8, 8, [(0, 8)]), (3, 4, [(0, 3)]),
+                                                     (6, 2, [(0, 2), (2, 4), (4, 6)]), (5, 2, [(0, 2), (2, 5)]),
+                                                     (8, 3, [(0, 3), (3, 6), (6, 8)])])
+def test_a_batch_splits_into_micro_batches_without_a_part_of_one(n, size, expected) -> None:
+    from pipeline.train.loop import micro_batches
+
+    assert [(s.start, s.stop) for s in micro_batches(n, size)] == expected
+
+
+def test_micro_batches_give_the_whole_batchs_step() -> None:
+    # No BatchNorm here: with it each part is normalised by its own statistics, the one intended difference.
+    from pipeline.train.loop import TrainStep
+
+    def one_step(micro_batch: int | None) -> tuple[list[torch.Tensor], float, int]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(4 * 6 * 6, 5))
+        step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.5), torch.nn.CrossEntropyLoss(
+            label_smoothing=0.1), None, torch.device("cpu"), "fp32", micro_batch)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)
+        loss, right = step.update(x, y, y)
+        return [p.detach().clone() for p in model.parameters()], float(loss), int(right)
+
+    whole, whole_loss, whole_right = one_step(None)
+    parts, parts_loss, parts_right = one_step(3)  # parts of 3, 3 and 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, parts, strict=True))
+    assert parts_loss == pytest.approx(whole_loss, abs=1e-6) and parts_right == whole_right
+    moved = one_step(None)[0]
+    torch.manual_seed(0)  # the step did change the weights: the comparison above is not of two untouched copies
+    assert not torch.allclose(moved[0], torch.nn.Conv2d(3, 4, 3).weight)
+
+
+def test_a_micro_batch_of_one_image_names_its_setting() -> None:
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.micro_batch"):
+        TrainConfig(micro_batch=1)

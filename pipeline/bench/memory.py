@@ -154,7 +154,7 @@ def train_steps(arch: str, data, preset: Preset, batch: int, steps: int):
                              data_cfg.mixup_alpha, random=random)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     step = TrainStep(model, optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), augment, device,
-                     precision)
+                     precision, cfg.micro_batch)
     train_one_epoch(step, data.train.images.to(device), data.train.labels.to(device), batch, random.cpu,
                     limit=steps * batch)
     return model, augment.normalizer, device, precision

@@ -86,6 +86,10 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = setting(30, "maximum epochs (per trial for tune)")
     batch_size: int = setting(64, "training batch size")
+    micro_batch: int | None = setting(None, "run each batch through the network in parts of this many images, "
+                                            "gradients summed before one optimiser step: a step's activation memory "
+                                            "falls with the part (BatchNorm normalises each part alone); unset = "
+                                            "the whole batch at once")
     lr: float = setting(1e-3, "learning rate")
     lr_batch: int | None = setting(None, "the batch size train.lr is meant for: a run at another batch size trains at "
                                          "lr x sqrt(batch_size / lr_batch) (the square-root rule for Adam); "
@@ -123,6 +127,8 @@ class TrainConfig:
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        check(self.micro_batch is None or self.micro_batch >= 2, "train.micro_batch", ">= 2 (BatchNorm needs two "
+              "images)", self.micro_batch)
         check(self.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", self.eval_batch_size)
         check(self.lr > 0, "train.lr", "> 0", self.lr)
         check(self.lr_batch is None or self.lr_batch >= 1, "train.lr_batch", ">= 1", self.lr_batch)

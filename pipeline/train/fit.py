@@ -192,7 +192,8 @@ class _Run:
         lr = self.optimizer.param_groups[0]["lr"]
         before = None if self.plateau and not self.length.timed else self._before_step
         # Not kept on the run: _StepOptimizer points back at it, and a cycle would outlive the run until a gc pass.
-        step = TrainStep(self.model, _StepOptimizer(self), self.loss_fn, self.augment, self.device, self.precision)
+        step = TrainStep(self.model, _StepOptimizer(self), self.loss_fn, self.augment, self.device, self.precision,
+                         self.cfg.micro_batch)
         stats = train_one_epoch(step, self.train_x, self.train_y, self.cfg.batch_size, self.random.cpu,
                                 self.progress, self.cfg.images_per_epoch, before)
         self.images += stats.images

@@ -98,7 +98,8 @@ def _progress(iterable, enabled: bool, **kwargs):
 @dataclass(frozen=True)
 class TrainStep:
     """How one training step is made, the same for every epoch of a run: the batch is augmented, run
-    through ``model`` at ``precision`` on ``device``, scored by ``loss_fn`` and applied by ``optimizer``."""
+    through ``model`` at ``precision`` on ``device`` (in parts of ``micro_batch`` images when set), scored
+    by ``loss_fn`` and applied by ``optimizer``."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -106,17 +107,38 @@ class TrainStep:
     augment: BatchAugmenter
     device: torch.device
     precision: str
+    micro_batch: int | None = None
 
     def update(self, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and optimiser step on an augmented batch; (loss, correct count) stay on
-        the device: nothing here waits for the host (tests/test_cuda.py runs it under sync debug)."""
-        with autocast(self.device, self.precision):
-            logits = self.model(x)
-            loss = self.loss_fn(logits.float(), target)
+        the device: nothing here waits for the host (tests/test_cuda.py runs it under sync debug).
+        In parts, each part's mean loss is weighted by its share of the batch, so the summed gradients
+        are the whole batch's mean-loss gradients (exactly, but for BatchNorm's per-part statistics and
+        class weights' per-part normalisation); only one part's activations are alive at a time."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = torch.zeros((), device=x.device)
+        right = torch.zeros((), device=x.device, dtype=torch.int64)
+        for part in micro_batches(len(x), self.micro_batch):
+            with autocast(self.device, self.precision):
+                logits = self.model(x[part])
+                loss = self.loss_fn(logits.float(), target[part])
+            share = (part.stop - part.start) / len(x)
+            (loss * share).backward()
+            loss_sum += loss.detach() * share
+            right += (logits.argmax(1) == y[part]).sum()
         self.optimizer.step()
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        return loss_sum, right
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Slices of a batch of ``n`` in parts of ``size`` (None: one part); a last part of one image joins
+    the part before it (BatchNorm cannot train on one image)."""
+    if not size or size >= n:
+        return [slice(0, n)]
+    starts = list(range(0, n, size))
+    if n - starts[-1] < 2:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], n], strict=True)]
 
 
 def train_one_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor, batch_size: int,

@@ -30,7 +30,7 @@ def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, t
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr)
     x, y = on_device(data.train.images, device), on_device(data.train.labels, device)
     batch = min(batch, train_cfg.batch_size, len(y))
-    step = TrainStep(model, optimizer, nn.CrossEntropyLoss(), augment, device, precision)
+    step = TrainStep(model, optimizer, nn.CrossEntropyLoss(), augment, device, precision, train_cfg.micro_batch)
 
     def train(n: int) -> float:
         t0 = time.perf_counter()
