@@ -271,7 +271,7 @@ def test_the_ensemble_leaves_mirror_votes_out_when_their_audit_does_not_fit_the_
     session = replace(session, budget=budget, plan=plan)
     assert plan.audit_pass_seconds > 0  # 5 labelled test images: the audit split
     need = 10 + 2 * plan.audit_pass_seconds  # the preset's 10-s tail, the audit plain and mirrored
-    clock.now = budget.end - need
+    clock.now = budget.end - need - 1e-6  # a hair inside: the clock's 50,000 s would round an exact boundary
     assert mirror_votes(session)
     clock.now = budget.end - need + 0.5
     assert not mirror_votes(session)
