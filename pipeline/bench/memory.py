@@ -163,9 +163,7 @@ def train_steps(arch: str, data, preset: Preset, batch: int, steps: int):
 def measure_phases(preset: Preset, steps: int) -> dict[str, dict[str, int]]:
     """The worker's phases in this process, each measured by a ``PhaseMeter``."""
     meter = PhaseMeter()
-    now = memory_figures()
-    meter.rows["imports"] = {"start": 0, "peak": now["VmHWM"], "rss": now["VmRSS"], "anon": now["RssAnon"],
-                             "file": now["RssFile"]}  # torch, MLflow, the package: what ``-m pipeline.bench`` loads
+    meter.rows["imports"] = whole_process(memory_figures())  # torch, MLflow, the package: what the bench loads
     with meter.phase("tune imports"):
         from ..data import load_dataset
         from ..data.roles import partition
@@ -196,8 +194,12 @@ def measure_phases(preset: Preset, steps: int) -> dict[str, dict[str, int]]:
 def import_torch_figures() -> dict[str, int]:
     """The resident set of a process that has imported torch and nothing else (its own process)."""
     code = "import torch; print(open('/proc/self/status').read())"
-    now = memory_figures(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                        check=True).stdout)
+    return whole_process(memory_figures(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                       check=True).stdout))
+
+
+def whole_process(now: dict[str, int]) -> dict[str, int]:
+    """A phase row for everything a process did so far (its start is the process's: 0)."""
     return {"start": 0, "peak": now["VmHWM"], "rss": now["VmRSS"], "anon": now["RssAnon"], "file": now["RssFile"]}
 
 

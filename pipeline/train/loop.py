@@ -116,16 +116,18 @@ class TrainStep:
         are the whole batch's mean-loss gradients (exactly, but for BatchNorm's per-part statistics and
         class weights' per-part normalisation); only one part's activations are alive at a time."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=x.device)
-        right = torch.zeros((), device=x.device, dtype=torch.int64)
-        for part in micro_batches(len(x), self.micro_batch):
+        parts = micro_batches(len(x), self.micro_batch)
+        loss_sum = right = None  # no extra kernels in the usual one-part step (this is the hot path)
+        for part in parts:
             with autocast(self.device, self.precision):
                 logits = self.model(x[part])
                 loss = self.loss_fn(logits.float(), target[part])
-            share = (part.stop - part.start) / len(x)
-            (loss * share).backward()
-            loss_sum += loss.detach() * share
-            right += (logits.argmax(1) == y[part]).sum()
+            if len(parts) > 1:
+                loss = loss * ((part.stop - part.start) / len(x))
+            loss.backward()
+            hits = (logits.argmax(1) == y[part]).sum()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            right = hits if right is None else right + hits
         self.optimizer.step()
         return loss_sum, right
 

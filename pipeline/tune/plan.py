@@ -87,11 +87,16 @@ class Plan:
         return out
 
 
+def mirror_seconds(tail_seconds: float, audit_pass_seconds: float) -> float:
+    """What the ensemble needs left to choose a mirror vote: the ensemble search and registration
+    (``tail_seconds``) and two audit passes, plain and mirrored. (The plan kept one: on one CPU core a
+    2,000-image pass is ~36 s, which the final run trains with instead.)"""
+    return tail_seconds + 2 * audit_pass_seconds
+
+
 def mirror_fits(seconds_left: float, tail_seconds: float, audit_pass_seconds: float) -> bool:
-    """Whether the ensemble may choose a mirror vote: the time left pays for the ensemble search and
-    registration (``tail_seconds``) and two audit passes, plain and mirrored. (The plan kept one: on one
-    CPU core a 2,000-image pass is ~36 s, which the final run trains with instead.)"""
-    return seconds_left >= tail_seconds + 2 * audit_pass_seconds
+    """Whether the ensemble may choose a mirror vote (``mirror_seconds`` are left)."""
+    return seconds_left >= mirror_seconds(tail_seconds, audit_pass_seconds)
 
 
 def pass_seconds(speed: Speed, train_images: int) -> float:

@@ -38,7 +38,7 @@ from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_s
 from .figures import log_session_figures, log_study_figures
 from .launcher import launched
 from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
-from .plan import mirror_fits
+from .plan import mirror_fits, mirror_seconds
 from .session import Session, open_session, session_budget
 from .storage import storage_lock
 from .trial import best_effort
@@ -235,11 +235,11 @@ def mirror_votes(session: Session) -> bool:
     budget, plan = session.budget, session.plan
     if budget is None or plan is None or session.audit is None:
         return True
-    left = budget.end - session.clock()
-    if mirror_fits(left, session.preset.study.tail_seconds, plan.audit_pass_seconds):
+    tail, audit_pass, left = session.preset.study.tail_seconds, plan.audit_pass_seconds, budget.end - session.clock()
+    if mirror_fits(left, tail, audit_pass):
         return True
     say(f"mirror-image votes left out: {left:.0f} s left, and auditing them needs "
-        f"{session.preset.study.tail_seconds + 2 * plan.audit_pass_seconds:.0f} s with the ensemble and registration")
+        f"{mirror_seconds(tail, audit_pass):.0f} s with the ensemble and registration")
     return False
 
 
