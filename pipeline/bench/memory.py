@@ -143,6 +143,7 @@ def train_steps(arch: str, data, preset: Preset, batch: int, steps: int):
     from ..rng import RunRandom
     from ..train import TrainStep, resolve_device, train_one_epoch
     from ..train.device import resolve_precision
+    from ..train.loop import make_optimizer
 
     cfg, data_cfg = preset.train, preset.data
     device = resolve_device(cfg.device)
@@ -152,7 +153,7 @@ def train_steps(arch: str, data, preset: Preset, batch: int, steps: int):
     random = RunRandom(cfg.seed, device)
     augment = BatchAugmenter(data_cfg.augment, data_cfg.normalize, device, data.num_classes, data_cfg.cutmix_alpha,
                              data_cfg.mixup_alpha, random=random)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+    optimizer = make_optimizer(model, cfg, device)
     step = TrainStep(model, optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), augment, device,
                      precision, cfg.micro_batch)
     train_one_epoch(step, data.train.images.to(device), data.train.labels.to(device), batch, random.cpu,

@@ -12,7 +12,7 @@ from ..data import BatchAugmenter, Dataset
 from ..models import build_model
 from ..rng import RunRandom, global_draws
 from .device import on_device, resolve_device, resolve_precision, synchronize
-from .loop import TrainStep, predict_logits, train_one_epoch
+from .loop import TrainStep, make_optimizer, predict_logits, train_one_epoch
 
 
 def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
@@ -27,7 +27,7 @@ def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, t
         model = build_model(model_cfg).to(device, memory_format=torch.channels_last)
     random = RunRandom(train_cfg.seed, device)
     augment = BatchAugmenter(data_cfg.augment, data_cfg.normalize, device, data.num_classes, random=random)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr)
+    optimizer = make_optimizer(model, train_cfg, device)
     x, y = on_device(data.train.images, device), on_device(data.train.labels, device)
     batch = min(batch, train_cfg.batch_size, len(y))
     step = TrainStep(model, optimizer, nn.CrossEntropyLoss(), augment, device, precision, train_cfg.micro_batch)
