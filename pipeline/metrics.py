@@ -62,6 +62,14 @@ MEMBER_B_SELECTION_ACCURACY = "member_b_selection_accuracy"
 ENSEMBLE_WEIGHT = "ensemble_weight"
 TEMPERATURE_A = "temperature_a"
 TEMPERATURE_B = "temperature_b"
+# The ensemble's choice between procedures (equal-weight pair, best member alone, searched combination):
+# each one's accuracy out of fold on the selection split (fitted on the other folds): crossfit_accuracy_<name>.
+CROSSFIT_ACCURACY = "crossfit_accuracy"
+ENSEMBLE_MEMBERS = "ensemble_members"  # networks the registered model runs: 1 (a single member) or 2 (a pair)
+
+
+def crossfit_metric(procedure: str) -> str:
+    return f"{CROSSFIT_ACCURACY}_{procedure}"
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -1,6 +1,8 @@
 """Plain ``nn.Module`` architectures, a name -> class dict, and ``build_model(cfg)``.
 
-Every network takes 3-channel images of any size >= 32 px and returns ``num_classes`` logits.
+Every network takes 3-channel images of any size and returns ``num_classes`` logits: its max-pools
+are ``HalvingMaxPool``s (a 1-px side passes through) and an adaptive pool sizes the head, so 8-px images
+(the smallest ``data.image_size``) train too, and the 32-100 px they were designed for compute as before.
 Each exposes ``features`` (conv trunk, feature dropout included) and ``classifier`` (the dense head,
 its dropout included), so callers and tests can find the two dropout groups by name.
 """
@@ -12,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tv
 
@@ -28,6 +31,27 @@ def _conv_block(in_channels: int, out_channels: int, convs: int) -> list[nn.Modu
             nn.ReLU(inplace=True),
         ]
     return layers
+
+
+class HalvingMaxPool(nn.MaxPool2d):
+    """``MaxPool2d(2)`` that passes a 1-px side through instead of pooling it to 0 px.
+
+    Where both sides are >= 2 px it is ``MaxPool2d(2)`` itself (``super().forward``): at the sizes the
+    networks were designed for nothing changes. A network with more pools than its input has halvings
+    (cnn_v2's fourth and vgg16's fourth and fifth on 8-px images) passes the 1-px map on to the
+    adaptive pool before its head. No parameters, so state_dicts (torchvision's VGG16 files too) are
+    unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h >= 2 and w >= 2:
+            return super().forward(x)
+        kernel = (min(h, 2), min(w, 2))
+        return F.max_pool2d(x, kernel, kernel)
 
 
 def _head(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -70,7 +94,7 @@ class CNNv1(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for cin, cout in ((3, 64), (64, 96), (96, 128)):
-            layers += [*_conv_block(cin, cout, convs_per_block), nn.MaxPool2d(2)]
+            layers += [*_conv_block(cin, cout, convs_per_block), HalvingMaxPool()]
         self.features = nn.Sequential(*layers, nn.Dropout2d(dropout_features))
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.classifier = _head(128 * 2 * 2, 256, num_classes, dropout_fc)
@@ -99,7 +123,7 @@ class CNNv2(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for cin, cout in ((3, 64), (64, 128), (128, 256), (256, 512)):
-            layers += [*_conv_block(cin, cout, convs_per_block), nn.MaxPool2d(2)]
+            layers += [*_conv_block(cin, cout, convs_per_block), HalvingMaxPool()]
         self.features = nn.Sequential(*layers, nn.Dropout2d(dropout_features))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = _head(512, 256, num_classes, dropout_fc)
@@ -127,7 +151,7 @@ class DeepFakeNet(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for cin, cout in ((3, 32), (32, 64), (64, 128)):
-            layers += [*_conv_block(cin, cout, 1), nn.MaxPool2d(2), nn.Dropout(dropout_features)]
+            layers += [*_conv_block(cin, cout, 1), HalvingMaxPool(), nn.Dropout(dropout_features)]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.classifier = _head(128 * 4 * 4, 256, num_classes, dropout_fc)
@@ -144,7 +168,8 @@ class VGG16(nn.Module):
     torchvision state_dict. The submodules are torchvision's own (``features``, ``avgpool``,
     ``classifier``), so state_dict keys match torchvision files one to one. Both classifier
     dropouts use ``dropout_fc``. At small inputs the 7x7 adaptive pool repeats the last map, so the
-    classifier stays 512*7*7 = 25088 wide (about 120M of the 134M parameters).
+    classifier stays 512*7*7 = 25088 wide (about 120M of the 134M parameters). Its five max-pools are
+    ``HalvingMaxPool``s, so it also runs below 16 px, where torchvision's own pools a 1-px map to nothing.
     """
 
     def __init__(
@@ -156,6 +181,9 @@ class VGG16(nn.Module):
         super().__init__()
         factory = tv.vgg16_bn if batch_norm else tv.vgg16
         net = factory(weights=None, num_classes=num_classes, dropout=dropout_fc)
+        for i, layer in enumerate(net.features):
+            if isinstance(layer, nn.MaxPool2d):  # torchvision's are MaxPool2d(2, 2), as HalvingMaxPool is at >= 2 px
+                net.features[i] = HalvingMaxPool()
         self.features = net.features
         self.avgpool = net.avgpool
         self.classifier = net.classifier

@@ -71,11 +71,39 @@ def say(text: str) -> None:
             print(text, file=sys.stderr, flush=True)
 
 
+# What MLflow print()s to stderr (not a log line) when it registers a model: the registration phase and
+# the summary say the same in the session's words, so hushed() drops these lines.
+MLFLOW_REGISTRY_NOTICES = ("Successfully registered model '", "Registered model '", "Created version '")
+
+
+class _Without:
+    """A stderr stand-in that drops whole lines starting with ``prefixes`` and passes everything else
+    through as it is written (a live bar's carriage returns included)."""
+
+    def __init__(self, stream, prefixes: tuple[str, ...]):
+        self.stream, self.prefixes, self.dropping = stream, prefixes, False
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.prefixes):  # print() writes the message, then its "\n"
+            self.dropping = not text.endswith("\n")
+        elif self.dropping and text.startswith("\n"):
+            self.dropping = False
+            self.stream.write(text[1:])
+        else:
+            self.dropping = False
+            self.stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name: str):  # flush, isatty, fileno, encoding...
+        return getattr(self.stream, name)
+
+
 def hushed():
-    """With --quiet, a block whose libraries print progress straight to stderr (MLflow's "Successfully
-    registered model ...") prints nothing there; errors still propagate as exceptions."""
+    """A block whose libraries print progress straight to stderr: MLflow's "Successfully registered
+    model ..." / "Created version ..." lines are dropped, and with --quiet nothing at all is printed
+    there; errors still propagate as exceptions."""
     if mode() != QUIET:
-        return contextlib.nullcontext()
+        return contextlib.redirect_stderr(_Without(sys.stderr, MLFLOW_REGISTRY_NOTICES))
     stack = contextlib.ExitStack()
     stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
     return stack

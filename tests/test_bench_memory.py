@@ -20,10 +20,10 @@ MIB = 2 ** 20
 def test_memory_section_breaks_the_worker_peak_down(tmp_path: Path) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc")
-    root = tmp_path / "tiny"
-    synthesize(root, "tiny", seed=1)
+    root = Path("tiny")  # relative to the test's working directory, as a person types it: the bench's
+    synthesize(root, "tiny", seed=1)  # processes run in a folder of their own and must still find it
     preset = load_preset("cpu")
-    preset = replace(preset, data=replace(preset.data, cache_dir=str(tmp_path / "cache")))
+    preset = replace(preset, data=replace(preset.data, cache_dir="cache"))
     out = bench_memory(tmp_path / "bench", preset, str(root), steps=2)
 
     phases = out["phases"]

@@ -193,3 +193,56 @@ def test_final_runs_in_turn_share_the_final_phase_evenly():
     assert final_deadline(1100.0, 1300.0, waiting=1) == 1200.0
     assert final_deadline(1200.0, 1300.0, waiting=0) == 1300.0
     assert final_deadline(1400.0, 1300.0, waiting=1) == 1400.0  # past the phase: stop at once
+
+
+def test_the_parent_runs_description_tells_the_plan_then_the_outcome(tracking_here):
+    """The session as the MLflow UI's Description shows it: the plan when it is made (``log_plan``, in a
+    real tracking store), then the outcome, each figure named for its images (selection accuracy is
+    in-sample, audit accuracy is not) and the time the budget left."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import metrics as M
+    from pipeline.config import load_preset
+    from pipeline.tune.description import outcome_lines
+    from pipeline.tune.phases import log_plan
+    from pipeline.tune.plan import Plan, Speed
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("described")).info.run_id
+    plan = Plan(600, 12, 40, 300, 248, ("cnn_v1", "cnn_v2"), 2.0, {"cnn_v1": 4, "cnn_v2": 2},
+                {"cnn_v1": 9.0, "cnn_v2": 4.0}, 0.014, ("chose a pair after a search: cnn_v1 ~9.0 passes",))
+    log_plan(SimpleNamespace(client=client, parent_run_id=run_id, preset=load_preset("cpu")), plan,
+             {"cnn_v1": Speed(150.0, 0.002)})
+    lines = client.get_run(run_id).data.tags["mlflow.note.content"].splitlines()
+    assert lines[0] == ("**Plan** for a 10.0-minute budget (12 s of set-up spent, 40 s kept for ensemble, audit "
+                        "and registration):")
+    assert lines[1] == ""  # markdown: a list starts after a blank line
+    assert lines[2].startswith("- search 5.0 min: configurations cnn_v1 4, cnn_v2 2 (each member's default first)")
+    assert lines[3].startswith("- final runs 4.1 min: cnn_v1 ~9.0 passes, cnn_v2 ~4.0 passes")
+    assert lines[5] == "- why: the reasons are in the run's plan.json"  # not the reasons themselves
+    assert lines[6:] == ["", "**Outcome**: none yet; written here when the session ends"]
+
+    result = SimpleNamespace(kind="pair cnn_v1#3 + cnn_v2#5", single=False, method="soft",
+                             selection_accuracy=0.9125, selection_images=160,
+                             selection_note="in-sample: every choice read these 160 images")
+    audit = {M.AUDIT_ACCURACY: 0.89, f"{M.AUDIT_ACCURACY}_low": 0.8134, f"{M.AUDIT_ACCURACY}_high": 0.9376,
+             M.AUDIT_IMAGES: 100.0}
+    members = {"cnn_v1": {"best_val_accuracy": 0.9, "best_trial": 3},
+               "cnn_v2": {"best_val_accuracy": None, "best_trial": None}}
+    assert outcome_lines(members, SimpleNamespace(result=result, audit=audit), "7", "deepfake-ensemble",
+                         "time budget 10m00s: used 9m50s (0m10s to spare)") == [
+        "**Outcome**: pair cnn_v1#3 + cnn_v2#5, soft vote, registered as deepfake-ensemble version 7 (@challenger)",
+        "- selection accuracy 91.25%: in-sample: every choice read these 160 images",
+        "- audit accuracy 89.00% (95% interval 81.34% to 93.76%): no choice read these 100 images",
+        "- best selection accuracy of each member: cnn_v1 90.00% (trial 3)",
+        "- time budget 10m00s: used 9m50s (0m10s to spare)"]
+    alone = SimpleNamespace(result=SimpleNamespace(**{**vars(result), "kind": "single member cnn_v1#3",
+                                                      "single": True}), audit=None)
+    assert outcome_lines(members, alone, "8", "deepfake-ensemble")[:3] == [
+        "**Outcome**: single member cnn_v1#3, registered as deepfake-ensemble version 8 (@challenger)",
+        "- selection accuracy 91.25%: in-sample: every choice read these 160 images",
+        "- no audit split: every figure is in-sample and flatters the model"]
+    assert outcome_lines(members, None, None, "deepfake-ensemble")[0] == \
+        "**Outcome**: no ensemble (too few finished trials); nothing registered"

@@ -23,6 +23,7 @@ from pipeline.train import Deadline
 from pipeline.train.checkpoint import ModelInterface, save_checkpoint
 from pipeline.tune import keys
 from pipeline.tune.budget import Budget, MemberStats
+from pipeline.tune.candidates import session_candidates, top_trials
 from pipeline.tune.phases import best_search_trial, enqueue_refits, final_choice, refit_start
 from pipeline.tune.plan import Plan
 from pipeline.tune.trial import budgeted_configs
@@ -214,3 +215,29 @@ def test_the_allocator_counts_finished_and_running_search_trials_only(tmp_path):
     assert member_stats(session) == [MemberStats("a", 3, 2), MemberStats("b", 0, 4)]
     session.plan = None
     assert member_stats(session) == [MemberStats("a", 3, 4), MemberStats("b", 0, 4)]
+
+
+def test_a_budgets_candidates_are_its_final_runs_not_its_search_runs(tmp_path):
+    """Short search runs rank configurations; the final runs (equal, long schedules) are the members,
+    and a member study without a final run gives none. Without a final run (no budget), the ``k``
+    best search trials and every refit are."""
+    study = sqlite_study(tmp_path)
+    add(study, 1e-3, 0.90, default_config=True)  # 0: a search run scoring above both final runs
+    add(study, 2e-3, 0.60)  # 1
+    add(study, 2e-3, 0.80, phase=keys.FINAL)  # 2
+    add(study, 2e-3, 0.85, phase=keys.FINAL)  # 3
+    other = sqlite_study(tmp_path, "s.cnn_v2")
+    add(other, 1e-3, 0.95)  # 0: the best run of the session, a search run
+    session = SimpleNamespace(studies={"cnn_v1": study, "cnn_v2": other}, preset=SimpleNamespace(
+        study=SimpleNamespace(top_k=3)))
+    assert {a: [t.number for t in ts] for a, ts in session_candidates(session).items()} == {
+        "cnn_v1": [2, 3], "cnn_v2": []}
+    plain = sqlite_study(tmp_path, "p.cnn_v1")
+    add(plain, 1e-3, 0.5)  # 0
+    add(plain, 2e-3, 0.7)  # 1
+    add(plain, 3e-3, 0.6)  # 2
+    add(plain, 3e-3, 0.4, phase=keys.REFIT)  # 3
+    assert [t.number for t in top_trials(plain, k=2)] == [1, 2, 3]
+    session = SimpleNamespace(studies={"cnn_v1": plain, "cnn_v2": other}, preset=session.preset)
+    assert {a: [t.number for t in ts] for a, ts in session_candidates(session).items()} == {
+        "cnn_v1": [1, 2, 0, 3], "cnn_v2": [0]}

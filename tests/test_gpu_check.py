@@ -1,6 +1,9 @@
 """``make gpu-check DEVICE=cpu``: the GPU check at toy size on the CPU, run as a person runs it, so it
-never rots: every step, every field of ``gpu-check.json``, a model really registered and a
-submission really written."""
+never rots: from a copy of the checkout, with the Makefile's defaults (no ``GPU_CHECK_*`` variable),
+every step, every field of ``gpu-check.json``, a model really registered, a submission really written,
+and nothing in the output from a library's logger or the profiler. A second run names a relative work
+folder outside the checkout (the tune and predict processes run inside the work folder, so a path
+left relative would name the wrong place)."""
 
 from __future__ import annotations
 
@@ -8,23 +11,71 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
+from quiet import kind_of, third_party_lines
 
 PROJECT = Path(__file__).resolve().parents[1]
 SPEED_FIELDS = {"train_images_per_second", "eval_images_per_second", "train_step_ms", "outside_kernels_share"}
 
 
-def test_make_gpu_check_on_the_cpu_writes_every_field(tmp_path: Path) -> None:
-    out, work = tmp_path / "gpu-check.json", tmp_path / "work"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run(["make", "-s", "gpu-check", "DEVICE=cpu", f"GPU_CHECK_OUT={out}",
-                           f"GPU_CHECK_WORKDIR={work}"], cwd=PROJECT, env=env, capture_output=True, text=True)
+def fresh_checkout(dest: Path) -> Path:
+    """``dest`` as a fresh clone of this checkout's working tree (the files git tracks or would track),
+    using this venv: ``make`` finds it at ``.venv`` and, its stamp newer than ``pyproject.toml``,
+    installs nothing."""
+    venv = Path(sys.prefix)
+    stamp = venv / ".installed-stamp"
+    if not stamp.exists() or not (PROJECT / ".git").exists():
+        pytest.skip("needs a git checkout and the venv `make install` builds (its .installed-stamp)")
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (PROJECT / name).is_file():  # a tracked file another change deleted is not in the clone
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT / name, dest / name)
+    (dest / ".venv").symlink_to(venv)
+    os.utime(dest / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)  # never a reinstall into the venv
+    return dest
+
+
+def make_gpu_check(checkout: Path, *variables: str) -> subprocess.CompletedProcess:
+    """``make gpu-check DEVICE=cpu [VARIABLES]`` in ``checkout``, in the environment a person has (no
+    make of ours around it, no logging levels chosen for the check)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "KINETO_LOG_LEVEL", "MLFLOW_LOGGING_LEVEL"}}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    return subprocess.run(["make", "gpu-check", "DEVICE=cpu", *variables], cwd=checkout, env=env,
+                          capture_output=True, text=True)
+
+
+def assert_passed_quietly(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Nothing a person should not have to read: no Python warning, no line of MLflow's or alembic's
+    # loggers ("INFO mlflow.store.db.utils: Creating initial MLflow database tables"), none of the
+    # profiler's own log ("USDT: ... profiler_start", "ERROR: ... gpuGetDeviceCount failed").
+    found = third_party_lines(proc.stdout + proc.stderr)
+    assert not found, [(kind_of(line), line) for line in found]
+    assert "toy run on the CPU: passed" in proc.stdout
+
+
+def assert_registered(work: Path, figures: dict) -> None:
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")  # read back independently of the check
+    version = client.get_model_version_by_alias("gpu-check", "challenger")
+    assert int(version.version) == figures["tune"]["registered_version"]
+
+
+def test_make_gpu_check_on_the_cpu_with_the_defaults_writes_every_field(tmp_path: Path) -> None:
+    checkout = fresh_checkout(tmp_path / "checkout")
+    proc = make_gpu_check(checkout)
+    assert_passed_quietly(proc)
     assert "no CUDA: running the same steps on the CPU at toy size" in proc.stdout
-    figures = json.loads(out.read_text())
+    work = checkout / "gpu-check"  # the Makefile's defaults: relative to the checkout
+    figures = json.loads((checkout / "gpu-check.json").read_text())
     assert figures["toy"] is True and figures["passed"] is True
     assert figures["machine"]["device"] == "cpu" and figures["settings"]["batches"] == [8, 32]
 
@@ -40,14 +91,25 @@ def test_make_gpu_check_on_the_cpu_writes_every_field(tmp_path: Path) -> None:
     tune = figures["tune"]
     assert tune["exit_code"] == 0 and tune["time_budget"] == "75s"
     assert 0.0 <= tune["selection_accuracy"] <= 1.0 and 0.0 <= tune["audit_accuracy"] <= 1.0
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")  # read back independently of the check
-    version = client.get_model_version_by_alias("gpu-check", "challenger")
-    assert int(version.version) == tune["registered_version"]
+    assert_registered(work, figures)
 
     predict = figures["predict"]
     test_ids = [row["image_id"] for row in csv.DictReader((work / "synthetic-tiny" / "test.csv").open())]
     submission = list(csv.DictReader(Path(predict["out"]).open()))
+    assert Path(predict["out"]) == (work / "submission.csv").resolve()
     assert predict["exit_code"] == 0 and predict["rows"] == len(test_ids) == len(submission)
     assert [r["image_id"] for r in submission] == test_ids
     assert predict["images_per_second"] > 0 and predict["device"] == "cpu"
-    assert "toy run on the CPU: passed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_make_gpu_check_with_a_relative_work_folder_outside_the_checkout(tmp_path: Path) -> None:
+    checkout = fresh_checkout(tmp_path / "checkout")
+    proc = make_gpu_check(checkout, "GPU_CHECK_WORKDIR=../checks/gpu", "GPU_CHECK_OUT=../checks/gpu-check.json")
+    assert_passed_quietly(proc)
+    work = tmp_path / "checks" / "gpu"
+    figures = json.loads((tmp_path / "checks" / "gpu-check.json").read_text())
+    assert figures["passed"] is True and (work / "synthetic-tiny" / "test.csv").exists()
+    assert_registered(work, figures)
+    assert figures["predict"]["rows"] > 0 and Path(figures["predict"]["out"]) == (work / "submission.csv").resolve()
+    assert not (checkout / "gpu-check").exists() and not (checkout / "gpu-check.json").exists()

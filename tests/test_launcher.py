@@ -1,7 +1,7 @@
 """``--n-jobs N --jobs-as processes``: N worker processes on one storage, started, awaited and stopped
 by the ``tune`` that was asked (``pipeline/tune/launcher.py``). On the CPU here, for correctness: exact
 trial counts, one parent run, one registration, two processes at work, no worker outliving its
-launcher. The speed argument (separate CUDA contexts on one GPU) is on paper in the README."""
+launcher. The speed argument (separate CUDA contexts on one GPU) is on paper in docs/gpu.md."""
 
 from __future__ import annotations
 
@@ -86,14 +86,19 @@ def _worker_pids(client: MlflowClient) -> set[int]:
 
 @pytest.mark.slow
 def test_n_jobs_2_as_processes_runs_exactly_the_budget_in_two_processes(small_data, tmp_path, mlflow_template):
+    """As a person types it in their project folder: the data, the storage and the tracking store all
+    relative to it (the started worker must read them as the launcher does)."""
     seed_store(mlflow_template, tmp_path)
-    preset = write_preset(tmp_path / "preset.yaml", small_data, trials=4, epochs=4, heartbeat=3)
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (tmp_path / "data").symlink_to(small_data)
+    preset = write_preset(tmp_path / "preset.yaml", tmp_path / "elsewhere", trials=4, epochs=4, heartbeat=3)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # the same file, for this test to read
     log = tmp_path / "tune.log"
     # The launcher starts trial 0 before its worker exists; a slow tracking server holds that trial
     # 9 s (3 heartbeats) while it closes, so the worker's start-up (imports, session) cannot lose the
     # race for the rest on a loaded machine.
-    proc = start_worker(tune_args(preset, "procs", storage, "--n-jobs", "2", "--jobs-as", "processes"), tmp_path, log,
+    args = tune_args(preset, "procs", "sqlite:///optuna.db", "--data", "data", "--n-jobs", "2", "--jobs-as",
+                     "processes")
+    proc = start_worker(args, tmp_path, log, MLFLOW_TRACKING_URI="sqlite:///mlflow.db",
                         DEEPFAKE_TUNE_FAULT="slow_tracking@cnn_v1#0", TMPDIR=str(tmp_path))  # logs under tmp_path
     out = finish(proc, log, timeout=300)
     assert proc.returncode == 0, out

@@ -1,7 +1,9 @@
 """Every registered architecture: shapes, gradients, channels_last / bf16, and build_model wiring.
 
 Parametrised over ``MODELS`` so a new architecture is tested without editing this file. VGG16 is
-the slow one (134M parameters, ~2 s to build), so inputs stay at batch 2-4 and 32-48 px.
+the slow one (134M parameters, ~2 s to build), so inputs stay at batch 2-4 and 8-48 px (100 px once).
+Every network must train on 8-px images (the smallest ``data.image_size``) and, at the sizes it was
+designed for, compute exactly what it did before its max-pools became ``HalvingMaxPool``s.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torchvision
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.models import MODELS, VGG16, arch_args, build_model, count_parameters, load_pretrained
+from pipeline.models import MODELS, VGG16, HalvingMaxPool, arch_args, build_model, count_parameters, load_pretrained
 
 ARCHS = list(MODELS)
 BLOCK_ARCHS = [a for a in ARCHS if "convs_per_block" in arch_args(a)]
@@ -56,12 +58,88 @@ def _biases_feeding_batchnorm(model: nn.Module) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("size", [32, 48])
+@pytest.mark.parametrize("size", [8, 32, 48])
 def test_output_shape_and_finite(model: nn.Module, size: int) -> None:
     with torch.no_grad():
         out = model(_images(2, size))
     assert out.shape == (2, 5)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trains_on_8_px_images(arch: str) -> None:
+    """A training step at the smallest image size: cnn_v2's fourth pool and vgg16's fourth and fifth
+    meet a 1-px map there (plain MaxPool2d(2) raised "Output size is too small" in tune's speed probe)."""
+    torch.manual_seed(0)
+    model = build(ModelConfig(arch=arch, num_classes=3)).train()
+    out = model(_images(4, 8))
+    assert out.shape == (4, 3)
+    assert torch.isfinite(out).all()
+    F.cross_entropy(out, torch.tensor([0, 1, 2, 0])).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def _pairwise_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Max over neighbouring pairs along ``dim`` (an odd last row dropped); a 1-px side as it is."""
+    n = x.shape[dim]
+    if n == 1:
+        return x
+    even, odd = torch.arange(0, n - 1, 2), torch.arange(1, n, 2)
+    return torch.maximum(x.index_select(dim, even), x.index_select(dim, odd))
+
+
+@pytest.mark.parametrize("h, w", [(2, 2), (5, 9), (100, 100), (1, 6), (7, 1), (1, 1)])
+def test_halving_pool_halves_every_side_but_a_1_px_one(h: int, w: int) -> None:
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+    out = HalvingMaxPool()(x)
+    assert torch.equal(out, _pairwise_max(_pairwise_max(x, -2), -1))
+    if h >= 2 and w >= 2:
+        assert torch.equal(out, nn.MaxPool2d(2)(x))
+
+
+def _with_plain_pools(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every HalvingMaxPool back to nn.MaxPool2d(2), the only difference from
+    the networks before small images were supported (same modules, same order, same weights)."""
+    old = copy.deepcopy(model)
+    for parent in old.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, HalvingMaxPool):
+                setattr(parent, name, nn.MaxPool2d(2))
+    return old
+
+
+@pytest.mark.parametrize("size", [32, 100])
+def test_designed_sizes_compute_what_plain_pools_did(model: nn.Module, size: int) -> None:
+    """Bitwise the same outputs as with plain MaxPool2d(2), in eval mode and in train mode (BatchNorm
+    batch statistics, the same dropout masks from the same seed)."""
+    old = _with_plain_pools(model)
+    assert not any(isinstance(m, HalvingMaxPool) for m in old.modules())
+    assert sum(isinstance(m, nn.MaxPool2d) for m in old.modules()) == \
+        sum(isinstance(m, HalvingMaxPool) for m in model.modules()) > 0
+    new = copy.deepcopy(model)  # train mode updates BatchNorm's running stats: not the shared fixture's
+    x = _images(2, size)
+    for train in (False, True):
+        with torch.no_grad():
+            torch.manual_seed(1)
+            got = new.train(train)(x)
+            torch.manual_seed(1)
+            expected = old.train(train)(x)
+        assert torch.equal(got, expected), f"train={train}"
+
+
+def test_vgg16_keeps_torchvisions_weights_and_outputs() -> None:
+    """The same seed builds torchvision's vgg16_bn weights exactly, and at 32 px our VGG16 (its pools
+    swapped) computes exactly what torchvision's own network does."""
+    torch.manual_seed(0)
+    ours = VGG16().eval()
+    torch.manual_seed(0)
+    theirs = torchvision.models.vgg16_bn(weights=None, num_classes=5, dropout=0.5).eval()
+    own, ref = ours.state_dict(), theirs.state_dict()
+    assert list(own) == list(ref) and all(torch.equal(own[k], ref[k]) for k in own)
+    with torch.no_grad():
+        assert torch.equal(ours(_images(2, 32)), theirs(_images(2, 32)))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from workers import FakeClock
 
+from pipeline import metrics as M
 from pipeline.tune.phases import final_choice
 from pipeline.tune.plan import Plan, PlanSettings, Speed, make_plan, mirror_fits
 
@@ -192,6 +194,27 @@ def test_a_budgeted_session_follows_its_plan(tmp_path, tracking_here):
     assert finals[0].data.params["train.seed"] != finals[1].data.params["train.seed"]
     assert finals[0].data.params["train.lr"] == trials["cnn_v1-search-0"].data.params["train.lr"] or \
         finals[0].data.params["train.lr"] == trials["cnn_v1-search-1"].data.params["train.lr"]
+    # A pair's final runs share the selection split (study.finals_crossfit): each trains on the training
+    # images plus one half and is scored on the other; the halves are disjoint, stratified, and cover it.
+    client = MlflowClient()
+    selection = np.load(client.download_artifacts(trials["cnn_v1-search-0"].info.run_id, M.PREDICTIONS_ARTIFACT,
+                                                  str(tmp_path / "search")))
+    held = []
+    for k, final in enumerate(finals):
+        stored = np.load(client.download_artifacts(final.info.run_id, M.PREDICTIONS_ARTIFACT, str(tmp_path / f"f{k}")))
+        held.append(list(stored["ids"]))
+        lent = len(selection["ids"]) - len(held[-1])
+        assert final.data.tags["trained_on"] == f"train + selection half {2 - k} ({20 + lent} images)"
+        per_class, whole = (np.bincount(y, minlength=5) for y in (stored["labels"], selection["labels"]))
+        assert (np.abs(per_class - whole / 2) <= 0.5).all()  # stratified: half of each class, give or take one
+    assert not set(held[0]) & set(held[1]) and sorted(held[0] + held[1]) == sorted(selection["ids"])
+    # The ensemble is their equal-weight pair or the better alone, its selection figures out of fold.
+    ensemble = next(r for r in runs if r.data.tags.get("kind") == "ensemble")
+    assert {ensemble.data.params["member_a_run_id"], ensemble.data.params["member_b_run_id"]} <= \
+        {f.info.run_id for f in finals}
+    assert ensemble.data.params["procedure"] in ("equal", "single")
+    assert ensemble.data.tags["ensemble_decision"].startswith("each final run also trained on half")
+    assert ensemble.data.metrics[M.SELECTION_IMAGES] == len(selection["ids"])
 
 
 def test_the_first_worker_measures_makes_prints_and_logs_the_plan(tmp_path, tracking_here, capsys):

@@ -1,17 +1,24 @@
 """What a person sees: progress lines where there is no terminal (and none with --quiet), UI links
-that open the session in the model-training view, the session's PNG figures, no warnings."""
+that open the session in the model-training view, the session's PNG figures, and no
+library's lines (warnings, log lines, notices) in any command's output (`quiet.third_party_lines`)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import optuna
 import pytest
+from conftest import PROJECT_DIR, cli_env, seed_store
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from quiet import drop_launcher_lines, kind_of, third_party_lines, without_launcher
 
 from pipeline import metrics as M
 from pipeline import progress
@@ -189,19 +196,180 @@ def test_the_parent_run_holds_the_session_figures_as_png(tuned, tmp_path):
     assert client.list_artifacts(parent.info.run_id, "optuna/cnn_v1")
 
 
-def test_a_tune_prints_no_warnings(tuned):
-    """No `...Warning:` line in the session's stdout and stderr, which ran with PYTHONWARNINGS=default
-    (MLflow's "add type hints to predict", the pandas and SQLAlchemy deprecations MLflow trips over
-    when we call it, and anything our own code triggers)."""
-    found = re.findall(r"^.*\b\w*Warning\b.*$", tuned.output, re.M)
-    assert not found, found
-
-
-def test_a_tune_prints_no_mlflow_info_lines(tuned):
-    """MLflow's INFO lines (a store's tables created, an input example validated) are its bookkeeping,
-    not the session's progress: the command hides them unless MLFLOW_LOGGING_LEVEL asks. The `mlflow
-    run` launcher's own lines (mlflow.projects, before our process starts) are MLflow's to print."""
-    found = [line for line in tuned.output.splitlines()
-             if re.search(r"\bINFO mlflow\.", line) and "INFO mlflow.projects" not in line]
-    assert not found, found
+def test_a_tune_prints_only_its_own_lines(tuned):
+    """The session ran with PYTHONWARNINGS=default (deprecations our code triggers show too): no Python
+    warning (MLflow's "add type hints to predict", the pandas and SQLAlchemy deprecations MLflow trips
+    over when we call it), no MLflow INFO line (a store's tables created, an input example validated:
+    its bookkeeping, hidden unless MLFLOW_LOGGING_LEVEL asks), no other library's log line or notice.
+    The `mlflow run` launcher's own lines (mlflow.projects, before our process starts) are MLflow's."""
+    found = third_party_lines(drop_launcher_lines(tuned.output))
+    assert not found, [(kind_of(line), line) for line in found]
     assert "[3/3] registration" in tuned.output  # the session's own lines are still there
+
+
+# ----------------------------------------------------------------------------- every command, quietly
+
+THIRD_PARTY = [
+    "/x/site-packages/sklearn/svm/_base.py:236: FutureWarning: The `probability` parameter was deprecated in 1.9",
+    "/x/site-packages/mlflow/store/tracking/sqlalchemy_store.py:356: SADeprecationWarning: The ``noload`` loader",
+    "UserWarning: The given NumPy array is not writable",
+    "2026/12/07 16:51:13 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
+    "2026/12/07 16:51:13 WARNING mlflow.models.model: Input example should be provided",
+    "INFO  [alembic.runtime.migration] Context impl SQLiteImpl.",
+    "INFO:alembic.runtime.migration:Will assume non-transactional DDL.",
+    "WARNING:root:something",
+    "WARNING urllib3.connectionpool: Retrying (Retry(total=4)) after connection broken",
+    "[I 2026-12-07 16:51:13,123] Trial 0 finished with value: 0.2 and parameters: {}.",
+    "[W 2026-12-07 16:51:13,123] Trial 1 failed with parameters: {}",
+    "[W1207 16:51:13.123456 1234 torch/csrc/utils/tensor_numpy.cpp:206] Warning: The given NumPy array",
+    "[W NNPACK.cpp:64] Could not initialize NNPACK! Reason: Unsupported hardware.",
+    "E1207 16:51:13.123456  1234 ProfilerController.cpp:71] failed",
+    "ERROR:2026-12-07 16:51:13 1234:1234 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35",
+    "USDT: profiler_start",
+    "STAGE:2026-12-07 16:51:13 1234:1234 ActivityProfilerController.cpp:312] Completed Stage: Warm Up",
+    "Traceback (most recent call last):",
+    '  File "/x/pipeline/cli/__init__.py", line 12, in main',
+    "Successfully registered model 'deepfake-ensemble'.",
+    "Registered model 'deepfake-ensemble' already exists. Creating a new version of this model...",
+    "Created version '3' of model 'deepfake-ensemble'.",
+]
+
+OURS = [  # the commands' own lines (README "Progress and output"), which must never match
+    "speed of cnn_v1: 41 training images/s, 134 evaluated images/s",
+    "plan for a 10.0-minute budget (11 s of set-up spent, 45 s kept for ensemble, audit and registration):",
+    "  why: chose one member with the whole time: cnn_v1 ~8.7 passes",
+    "[1/3] member studies: no search, then final runs of cnn_v1; 2500 training images, linear schedule",
+    "cnn_v1 #0 final epoch 13 loss 0.886 val 64.6% best 64.6% lr 0.0015 45 img/s",
+    "cnn_v1 #0 final COMPLETE selection accuracy 82.8%, 9m02s",
+    "cnn_v2 #1 PRUNED at epoch 1 (best 20.0% at epoch 1)",
+    "[3/3] registration: cnn_v1#0 + cnn_v1#0 as a new version of deepfake-ensemble",
+    "train cnn_v1 epoch 2/4 loss 1.2 val 40.0% best 40.0% lr 0.001 300 img/s",
+    "predict test: 2600/6500 img (40%), 410 img/s, ~16s left",
+    "          registered as version 1 (alias @challenger)",
+    "promoted deepfake-ensemble v1 to @champion (no champion yet)",
+    "error: dataset root data/x does not exist or is not a directory",
+    "warning: the selection split has 5 images: its accuracy moves in steps of 20 points",
+    "cache     /tmp/cache/train-e40d8b2a246c3066a0efded8.npy (written)",
+    "ceiling: matmul 2048^3 fp32 106.4 GFLOP/s, bf16 447.9 GFLOP/s",
+    "  session runs      http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",
+    "run 49b556c96d724ee685e378b0c2e8520f: best_val_accuracy=0.22, best_epoch=1, epochs_run=1",
+]
+
+
+def test_the_checker_finds_library_lines_and_none_of_ours():
+    assert third_party_lines("\n".join(THIRD_PARTY)) == THIRD_PARTY
+    assert all(kind_of(line) for line in THIRD_PARTY)
+    assert third_party_lines("\n".join(OURS)) == []
+    launched = "\n".join([
+        "2026/12/07 16:51:13 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
+        "2026/12/07 16:51:16 INFO mlflow.projects: 'deepfake' does not exist. Creating a new experiment",
+        "2026/12/07 16:51:16 INFO mlflow.projects.backend.local: === Running command 'python -m pipeline "
+        "tune' in run with ID 'abc' === ",
+        "tuning session tiny: parent run abc",
+        "2026/12/07 16:51:20 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
+        "2026/12/07 16:52:09 INFO mlflow.projects: === Run (ID 'abc') succeeded ===",
+    ])
+    # Before our command starts, the launcher's; after, only its mlflow.projects lines.
+    assert third_party_lines(without_launcher(launched)) == [
+        "2026/12/07 16:51:20 INFO mlflow.store.db.utils: Creating initial MLflow database tables..."]
+    assert "tuning session tiny" in without_launcher(launched)
+
+
+def test_registration_notices_are_hushed_and_progress_is_not(capsys, monkeypatch):
+    """MLflow print()s "Successfully registered model ..." when the ensemble registers: the session's
+    own registration line says it; hushed() drops those lines and nothing else (quiet: everything)."""
+    from mlflow.utils.logging_utils import eprint
+
+    monkeypatch.setattr(progress, "_mode", progress.LINES)
+    with progress.hushed():
+        eprint("Successfully registered model 'deepfake-ensemble'.")
+        progress.say("[3/3] registration: a + b")
+        eprint("Created version '1' of model 'deepfake-ensemble'.")
+        print("partial", end="", file=sys.stderr)
+        print(" line", file=sys.stderr)
+    assert capsys.readouterr().err == "[3/3] registration: a + b\npartial line\n"
+    monkeypatch.setattr(progress, "_mode", progress.QUIET)
+    with progress.hushed():
+        print("anything", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("per_class", [3, 8])
+def test_the_baseline_svm_gives_probabilities_without_a_warning(per_class):
+    """scikit-learn 1.9 deprecates SVC(probability=True) with a FutureWarning naming its replacement:
+    the baseline uses that (Platt scaling on out-of-fold decision values, the SVM refitted on all), with
+    fewer folds when a class has fewer than 5 images."""
+    import warnings
+
+    import numpy as np
+
+    from pipeline.commands.baseline_command import fit_svm
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), per_class)
+    x = (rng.normal(size=(len(y), 12)) + y[:, None]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = fit_svm(x, y, c=10.0, seed=0)
+        probs = model.predict_proba(x)
+    assert probs.shape == (len(y), 3) and np.allclose(probs.sum(1), 1)
+    assert (probs.argmax(1) == y).mean() > 0.6
+    assert np.array_equal(probs, fit_svm(x, y, c=10.0, seed=0).predict_proba(x))  # the seed fixes the folds
+
+
+def _copy_of_the_checkout(dest: Path) -> Path:
+    """What a command needs from a fresh clone (the package, presets, MLproject): commands run in it
+    with their default relative paths (data/tiny, ./mlflow.db, ./optuna.db) and nothing lands in the
+    real checkout."""
+    for name in ("pipeline", "experiments"):
+        shutil.copytree(PROJECT_DIR / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("MLproject", "conda.yaml", "pyproject.toml"):
+        shutil.copy2(PROJECT_DIR / name, dest / name)
+    return dest
+
+
+# The documented commands at toy size, in the order a new user meets them, from a fresh copy of the
+# checkout. `tune` and `make demo` (`mlflow run . -e tune ... -P config=demo`, minutes) are the `tuned`
+# session: the same launcher and entry point with the tiny preset (test_a_tune_prints_only_its_own_lines);
+# tests/test_readme_commands.py runs make demo's own recipe at toy size too.
+COMMANDS = [
+    ["data", "synth", "--out", "data/tiny", "--preset", "tiny", "--seed", "0"],
+    ["data", "inspect", "--data", "data/tiny"],
+    ["train", "--config", "tiny", "--arch", "cnn_v1", "--data", "data/tiny", "--epochs", "1"],  # creates ./mlflow.db
+    ["baseline", "--data", "data/tiny"],
+    ["bench", "--config", "tiny", "--data", "data/tiny", "--skip", "reference,ours,inference,search"],
+    ["mlflow", "run", ".", "-e", "data", "--env-manager", "local", "-P", "action=inspect", "-P", "data=data/tiny"],
+]
+AFTER_A_SESSION = [  # on a copy of the `tuned` session's store, which holds a registered ensemble
+    ["promote", "--data", "{data}"],
+    ["predict", "--data", "{data}", "--out", "submission.csv"],
+]
+
+
+def _own_lines_only(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    name = " ".join(cmd[2:5] if cmd[0] == sys.executable else cmd[:5])
+    assert proc.returncode == 0, (name, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.stdout.strip(), f"{name}: no result on stdout"
+    stderr = without_launcher(proc.stderr) if cmd[:2] == ["mlflow", "run"] else proc.stderr
+    found = third_party_lines(proc.stdout + stderr)
+    assert not found, (name, [(kind_of(line), line) for line in found])
+
+
+@pytest.mark.slow
+def test_every_command_prints_only_its_own_lines(tuned, tmp_path):
+    """~70 s: each command in a fresh copy of the checkout, one after another, with the default
+    stores (./mlflow.db does not exist until `train`: creating a store is when MLflow and alembic speak),
+    output to pipes, PYTHONWARNINGS=default: stdout and stderr hold the command's own lines and no
+    library's (sklearn's SVC(probability=True) FutureWarning in `baseline`, MLflow's store set-up...)."""
+    checkout = _copy_of_the_checkout(tmp_path / "deepfake-tune")
+    env = cli_env(checkout, PYTHONWARNINGS="default")  # MLFLOW_TRACKING_URI: ./mlflow.db, the default
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # as `. .venv/bin/activate`
+    for args in COMMANDS:
+        assert (checkout / "mlflow.db").exists() == (args[0] not in ("data", "train")), args
+        _own_lines_only(args if args[0] == "mlflow" else [sys.executable, "-m", "pipeline", *args], checkout, env)
+    session = seed_store(tuned.workdir / "mlflow.db", tmp_path / "session")
+    for args in AFTER_A_SESSION:
+        _own_lines_only([sys.executable, "-m", "pipeline", *[a.format(data=tuned.data) for a in args]], checkout,
+                        {**env, "MLFLOW_TRACKING_URI": session})
+    assert (checkout / "submission.csv").exists()

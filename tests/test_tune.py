@@ -25,6 +25,7 @@ from workers import load_trials, write_preset
 from pipeline import metrics as M
 from pipeline.config import Choice, DataConfig, ModelConfig, Range, SearchSpace, TrainConfig
 from pipeline.config.space import default_space
+from pipeline.ensemble.evidence import PROCEDURES
 from pipeline.ensemble.rules import RULES
 from pipeline.tune import suggest
 from pipeline.tune.workers import run_search
@@ -119,6 +120,23 @@ def test_tune_under_mlflow_run_logs_one_parent_with_nested_trials(tuned):
             assert {M.CONFUSION_PNG, M.CONFUSION_JSON, M.REPORT_JSON, "checkpoints", "predictions"} <= paths
             assert "optuna.lr" in run.data.params and run.data.params["train.seed"] == str(t.number)
 
+    # The UI's Description of the session: its plan (no time budget: the preset's search), then its outcome,
+    # each figure named for the images it was measured on.
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**Plan**: search cnn_v1, cnn_v2, 2 finished trials each (at most 2 epochs a trial")
+    assert "deepfake-ensemble version 1 (@challenger)" in note
+    figures = parent.data.metrics
+    assert f"- selection accuracy {100 * figures[M.SELECTION_ACCURACY]:.2f}%: in-sample" in note
+    assert f"- audit accuracy {100 * figures[M.AUDIT_ACCURACY]:.2f}% (95% interval" in note
+    for arch in ("cnn_v1", "cnn_v2"):
+        assert f"{arch} {100 * figures[f'{arch}_best_val_accuracy']:.2f}% (trial" in note
+    # The runs table's Dataset column: every trial run links the session's dataset, as the parent does.
+    (dataset,) = [d.dataset for d in client.get_run(parent.info.run_id).inputs.dataset_inputs]
+    for run in trials:
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [(dataset.name, dataset.digest)]
+        assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "training")]
+
 
 def test_trials_in_threads_match_their_configuration_trained_alone(tuned, tmp_path):
     """Each member's trials ran two at a time in threads; each gives exactly (fp32, CPU) what its
@@ -155,20 +173,35 @@ def test_tune_logs_the_ensemble_run_over_every_pair_and_rule(tuned, tmp_path):
     studies = _studies(tuned)
     run_ids = {arch: {t.user_attrs["mlflow_run_id"]: t.value for t in study.trials} for arch, study in studies.items()}
     members = {run.data.params["member_a_run_id"], run.data.params["member_b_run_id"]}
-    assert len(members & set(run_ids["cnn_v1"])) == 1 and len(members & set(run_ids["cnn_v2"])) == 1
+    # The choice is a procedure scored out of fold: the equal-weight pair unless another beats it by its noise.
+    procedure = run.data.params["procedure"]
+    assert procedure in PROCEDURES
+    assert {M.crossfit_metric(p) for p in PROCEDURES} <= set(metrics)
+    assert run.data.tags["ensemble_decision"].startswith("cross-fitted selection accuracy")
+    if procedure == "single":
+        assert len(members) == 1 and run.data.params["ensemble_kind"].startswith("single member")
+    else:
+        assert len(members & set(run_ids["cnn_v1"])) == 1 and len(members & set(run_ids["cnn_v2"])) == 1
+    if procedure == "equal":
+        assert float(run.data.params["weight"]) == 0.5 and run.data.params["method"] == "soft"
     # The member accuracies it reports are those trials' own (selection) accuracies.
     everyone = {**run_ids["cnn_v1"], **run_ids["cnn_v2"]}
     assert metrics[M.MEMBER_A_SELECTION_ACCURACY] == pytest.approx(everyone[run.data.params["member_a_run_id"]])
     assert metrics[M.MEMBER_B_SELECTION_ACCURACY] == pytest.approx(everyone[run.data.params["member_b_run_id"]])
-    # Weights 0 and 1 are candidates and a weight must not lose accuracy: never below the better member.
-    assert metrics[M.SELECTION_ACCURACY] >= max(metrics[M.MEMBER_A_SELECTION_ACCURACY],
-                                                metrics[M.MEMBER_B_SELECTION_ACCURACY])
+    # The searched combination never loses accuracy against the better member (weights 0 and 1 are candidates).
+    if procedure == "searched":
+        assert metrics[M.SELECTION_ACCURACY] >= max(metrics[M.MEMBER_A_SELECTION_ACCURACY],
+                                                    metrics[M.MEMBER_B_SELECTION_ACCURACY])
     # Its in-sample accuracy is that of the predictions it logged.
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "ensemble")))
     stored = np.load(local / M.PREDICTIONS_ARTIFACT)
     assert metrics[M.SELECTION_ACCURACY] == pytest.approx(float((stored["probs"].argmax(1) == stored["labels"]).mean()))
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.metrics[M.SELECTION_ACCURACY] == metrics[M.SELECTION_ACCURACY]
+    # The session's dataset in its Dataset column: the ensemble chose on its selection split.
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [d.dataset.digest for d in inputs] == [parent.data.tags["dataset_digest"]]
+    assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "validation")]
     # The synthetic test split is labelled, so it is the audit split: 50 images no choice read.
     assert metrics[M.AUDIT_IMAGES] == 50 and run.data.tags["audit_source"] == "test"
     assert parent.data.metrics[M.AUDIT_ACCURACY] == metrics[M.AUDIT_ACCURACY]
@@ -187,9 +220,10 @@ def test_tune_logs_the_ensemble_run_over_every_pair_and_rule(tuned, tmp_path):
     plain = {(pair, rule) for pair, rule, ta, tb in combos if ta == tb == "none"}
     expected = {(frozenset((a, b)), rule) for a in run_ids["cnn_v1"] for b in run_ids["cnn_v2"] for rule in RULES}
     assert plain == expected
-    chosen = pairs[0]
-    assert chosen["weight"] == pytest.approx(float(run.data.params["weight"]))
-    assert chosen["selection_accuracy"] == pytest.approx(metrics[M.SELECTION_ACCURACY])
+    if procedure == "searched":  # the searched combination is the search's first row
+        chosen = pairs[0]
+        assert chosen["weight"] == pytest.approx(float(run.data.params["weight"]))
+        assert chosen["selection_accuracy"] == pytest.approx(metrics[M.SELECTION_ACCURACY])
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -324,6 +358,9 @@ def test_second_tune_on_a_finished_study_adds_no_trials(tuned, monkeypatch, caps
     assert {arch: len(study.trials) for arch, study in _studies(tuned).items()} == before
     assert "already registered" in capsys.readouterr().out
     assert len(_client(tuned).search_model_versions("name='deepfake-ensemble'")) == 1
+    # The parent's Description still tells the outcome of the session that registered it.
+    parent = _client(tuned).get_run(_studies(tuned)["cnn_v1"].user_attrs["mlflow_parent_run_id"])
+    assert "deepfake-ensemble version 1 (@challenger)" in parent.data.tags["mlflow.note.content"]
 
 
 def test_close_lost_runs_closes_a_finished_trials_run_its_worker_left_open(tuned, tmp_path, tracking_here):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -68,6 +69,19 @@ def check_settings(device: str, data: str | None = None) -> GpuCheckSettings:
                             data)
 
 
+def quiet_libraries() -> None:
+    """Keep what a person should not have to read out of the check's output, in this process and the
+    ``tune`` and ``predict`` processes it starts (they inherit the environment): the profiler's own log
+    (kineto's ``USDT: profiler_start``/``profiler_stop`` and, on a CPU, ``ERROR: gpuGetDeviceCount
+    failed``) and MLflow's INFO lines (``Creating initial MLflow database tables``). A value the user
+    set wins: ``KINETO_LOG_LEVEL=0`` or ``MLFLOW_LOGGING_LEVEL=INFO`` shows them again."""
+    # Above kineto's highest level (5, USDT); read when the profiler first starts, not at import.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # an mlflow imported later, here or in a child
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # one imported already
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     info = {**machine_info(), "device": str(device)}
     if device.type == "cuda":
@@ -101,7 +115,8 @@ def step_figures(s: GpuCheckSettings, say: Callable[[str], None]) -> tuple[dict[
 
 
 def child_env(workdir: Path) -> dict[str, str]:
-    """The tune and predict processes' environment: their own tracking store and cache in ``workdir``."""
+    """The tune and predict processes' environment: their own tracking store and cache in ``workdir``
+    (absolute: the children run inside it)."""
     return subprocess_env(workdir, workdir / "cache")
 
 
@@ -166,12 +181,15 @@ def run_gpu_check(s: GpuCheckSettings, workdir: Path, say: Callable[[str], None]
     """Every step; returns the figures (also what ``gpu-check.json`` holds). A step that fails is
     recorded with its error and the later steps that need it are marked as not run."""
     start = time.perf_counter()
+    # The children run inside ``workdir``: every path they get is made absolute here, against the
+    # user's working directory, or a relative one would name a folder inside the work folder.
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if s.toy:
         say("no CUDA: running the same steps on the CPU at toy size (figures say nothing about a GPU)")
     out: dict[str, Any] = {"settings": asdict(s), "machine": device_info(torch.device(s.device)), "toy": s.toy}
     out["step_speed"], out["sync_debug"] = step_figures(s, say)
-    root = Path(s.data) if s.data else workdir / f"synthetic-{s.synth_preset}"
+    root = Path(s.data).resolve() if s.data else workdir / f"synthetic-{s.synth_preset}"
     if not root.exists():
         say(f"synthesizing the {s.synth_preset} dataset into {root}")
         synthesize(root, s.synth_preset)

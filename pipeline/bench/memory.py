@@ -95,6 +95,9 @@ def bench_memory(tmp_dir: Path, preset: Preset, data_root: str | None = None, st
     """The breakdown, then the worker, on the full dataset (``data_root``, else the kept ``full`` preset)."""
     root, synth_seconds = full_dataset(data_root, seed)
     cache = Path(preset.data.cache_dir) if preset.data.cache_dir else default_cache_dir()
+    # Both processes run inside ``workdir``: the paths they get are resolved against the user's
+    # working directory here, or a relative one would name a folder inside the work folder.
+    root, cache = root.resolve(), cache.resolve()
     workdir = tmp_dir / "memory"
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "preset.yaml"

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..bench.gpu_check import check_settings, format_table, run_gpu_check, write_json
+from ..bench.gpu_check import check_settings, format_table, quiet_libraries, run_gpu_check, write_json
 
 
 def main(argv: list[str]) -> int:
@@ -20,6 +20,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", default=None, help="a dataset to tune and predict on (default: synthetic)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
+    if Path.cwd().resolve().is_relative_to(workdir.resolve()):
+        parser.error(f"--workdir {args.workdir} holds the current directory and is emptied first: name a folder "
+                     "of its own")
+    quiet_libraries()
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh store each time: the registered version is this run's
     out = run_gpu_check(check_settings(args.device, args.data), workdir, lambda line: print(line, flush=True))
     write_json(out, Path(args.out))

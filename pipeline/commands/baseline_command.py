@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
@@ -21,6 +23,7 @@ from .. import metrics as M
 from .. import tracking
 from ..config import Preset, flat_params
 from ..data import load_dataset
+from ..progress import pct
 from .options import BaselineOptions
 from .train_command import TrainOutcome
 
@@ -32,9 +35,14 @@ def flatten(images: torch.Tensor, pixels: int | None) -> np.ndarray:
 
 
 def fit_svm(x: np.ndarray, y: np.ndarray, c: float, seed: int):
-    model = make_pipeline(StandardScaler(), SVC(C=c, kernel="rbf", gamma="scale", probability=True,
-                                                random_state=seed))
-    return model.fit(x, y)
+    """The RBF SVM with probabilities as ``SVC(probability=True)`` made them: Platt scaling fitted on
+    out-of-fold decision values (5 shuffled folds), then the SVM refitted on every image. scikit-learn
+    1.9 deprecates that flag and names this wrapper (``ensemble=False``) as its replacement."""
+    smallest_class = int(np.unique(y, return_counts=True)[1].min())
+    folds = max(2, min(5, smallest_class))  # 5 as libsvm's, fewer when a class has fewer images
+    svm = CalibratedClassifierCV(SVC(C=c, kernel="rbf", gamma="scale"), method="sigmoid", ensemble=False,
+                                 cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    return make_pipeline(StandardScaler(), svm).fit(x, y)
 
 
 def run_baseline(preset: Preset, experiment: str, c: float | None = None, pixels: int | None = None,
@@ -71,6 +79,9 @@ def run_baseline(preset: Preset, experiment: str, c: float | None = None, pixels
                    M.IMAGES_PER_SECOND: len(keep) / seconds if seconds else 0.0,
                    **tracking.per_class_metrics(report, data.classes)}
         tracking.log_metrics(client, run_id, summary, step=1)
+        tracking.describe_run(client, run_id, f"SVM (RBF, C={c:g}) on the {pixels}-px pixels of {Path(data.root).name} "
+                                              f"({len(keep)} training images): validation accuracy {pct(accuracy)} "
+                                              f"({len(y_val)} images)")
     return TrainOutcome(run_id, summary)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from ..data import Normalizer, load_dataset
 from ..data.roles import partition
 from ..metrics import wilson
 from ..models import build_model, model_kwargs
-from ..progress import EpochLines, say
+from ..progress import EpochLines, pct, say
 from ..train import Deadline, build_and_fit, predict_probs, resolve_device
 from ..train.schedule import Clock
 from .options import TrainOptions
@@ -49,13 +50,7 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
         tracking.log_params(client, run_id, {**flat_params(preset), "preset": preset.name})
         tracking.log_dataset(client, run_id, data)
         logger = tracking.EpochLogger(client, run_id)
-        deadline = None
-        if preset.study.time_budget:
-            end = started + parse_duration(preset.study.time_budget) - LOG_SECONDS
-            deadline = Deadline(end, clock, after_images=len(roles.audit) if roles.audit is not None else 0)
-            say(f"train {preset.model.arch}: {preset.train.schedule} schedule to the deadline in "
-                f"{end - clock():.0f} s (the time budget sets the length; train.epochs={preset.train.epochs} does "
-                "not cap it)")
+        deadline = budget_deadline(preset, started, roles, clock)
         lines = EpochLines(f"train {preset.model.arch}", 0 if deadline else preset.train.epochs)
 
         def report(epoch: int, values: dict[str, float]) -> None:
@@ -78,7 +73,29 @@ def run_training(preset: Preset, experiment: str, run_name: str | None = None,
             tracking.log_metrics(client, run_id, summary, step=result.best_epoch)
         summary |= {M.WALL_SECONDS: clock() - started}
         tracking.log_metrics(client, run_id, {M.WALL_SECONDS: summary[M.WALL_SECONDS]}, step=result.best_epoch)
+        tracking.describe_run(client, run_id, description(preset, data, result, summary))
     return TrainOutcome(run_id, summary)
+
+
+def budget_deadline(preset: Preset, started: float, roles, clock: Clock) -> Deadline | None:
+    """With ``study.time_budget``: where the run's schedule ends (its audit and logging paid for)."""
+    if not preset.study.time_budget:
+        return None
+    end = started + parse_duration(preset.study.time_budget) - LOG_SECONDS
+    say(f"train {preset.model.arch}: {preset.train.schedule} schedule to the deadline in {end - clock():.0f} s (the "
+        f"time budget sets the length; train.epochs={preset.train.epochs} does not cap it)")
+    return Deadline(end, clock, after_images=len(roles.audit) if roles.audit is not None else 0)
+
+
+def description(preset: Preset, data, result, summary: dict[str, float]) -> str:
+    """The run's one line in the UI's Description: what was trained, and its figures named for their images."""
+    text = (f"{preset.model.arch} trained on {Path(data.root).name} ({len(data.train)} images, {result.epochs_run} "
+            f"epochs): best selection accuracy {pct(result.best_val_accuracy)} at epoch {result.best_epoch} "
+            f"({len(data.validation)} images)")
+    if M.AUDIT_ACCURACY in summary:
+        text += (f", audit accuracy {pct(summary[M.AUDIT_ACCURACY])} ({int(summary[M.AUDIT_IMAGES])} images no "
+                 "choice read)")
+    return text
 
 
 def audit_accuracy(result, preset: Preset, audit, device) -> dict[str, float]:

@@ -160,6 +160,9 @@ class StudyConfig:
     ensemble_method: str = setting("soft", "ensemble voting rule (best: search them all)", choices=ENSEMBLE_METHODS)
     ensemble_weight_step: float = setting(0.05, "the ensemble weight is searched on a grid of this step, 0 and 1 "
                                                 "(one member alone) included")
+    ensemble_margin: float = setting(2.0, "standard errors by which a cross-fitted challenger (the best member "
+                                          "alone, the searched pair/flips/rule/weight) must beat the equal-weight "
+                                          "pair on the selection split to replace it")
     heartbeat_seconds: int = setting(30, "Optuna heartbeat: a lost worker's trial is retried after twice this")
     name: str | None = setting(None, "study name; member studies are <name>.<arch> (default: the preset's name)")
     storage: str | None = setting(None, "Optuna storage URL (default: sqlite optuna.db beside mlflow.db)")
@@ -185,6 +188,8 @@ class StudyConfig:
                                            "must get for the plan to train a pair rather than one member")
     final_min_passes: float = setting(40.0, "in a time budget: passes a final run must still get after a search "
                                             "for the plan to make one (fewer: the defaults get the time)")
+    finals_crossfit: bool = setting(True, "in a time budget with a pair: each final run also trains on one half of "
+                                          "the selection split and is scored on the other (true/false)")
     refit_epochs: int = setting(0, "without a time budget: epochs that continue each member's best configuration "
                                    "(0 = no refit; a time budget has final runs instead)")
     tail_seconds: float = setting(30.0, "seconds of a time budget kept for the ensemble search and registration, "
@@ -211,6 +216,7 @@ class StudyConfig:
         check(self.pair_min_passes >= 0, "study.pair_min_passes", ">= 0", self.pair_min_passes)
         check(self.final_min_passes >= 0, "study.final_min_passes", ">= 0", self.final_min_passes)
         check(self.refit_epochs >= 0, "study.refit_epochs", ">= 0", self.refit_epochs)
+        check(self.ensemble_margin >= 0, "study.ensemble_margin", ">= 0", self.ensemble_margin)
         check(self.tail_seconds >= 0, "study.tail_seconds", ">= 0", self.tail_seconds)
         check(self.warm_start_k >= 1, "study.warm_start_k", ">= 1", self.warm_start_k)
         if self.time_budget is not None:

@@ -71,7 +71,7 @@ class Normalizer:
 class BatchShift:
     """Horizontal flip (p=0.5) and a shift by up to ``pixels`` whole pixels in x and y (zero fill), per
     image, batched. No resampling: the generators' pixel-grid artefacts, which tell the classes apart,
-    are moved, never interpolated (the ablation in the README measures it against ``geometric``)."""
+    are moved, never interpolated (the ablation in docs/ablation.md measures it against ``geometric``)."""
 
     def __init__(self, pixels: int = 6, flip_p: float = 0.5):
         self.pixels, self.flip_p = pixels, flip_p

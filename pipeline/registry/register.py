@@ -75,7 +75,8 @@ def register_ensemble(client, result: EnsembleResult, data: Dataset, model_name:
         M.MEMBER_A_SELECTION_ACCURACY: f"{result.member_a_accuracy:.6f}",
         M.MEMBER_B_SELECTION_ACCURACY: f"{result.member_b_accuracy:.6f}",
         "dataset_digest": data.digest, "audit_split": audit_spec, "audit_digest": audit_digest,
-        "ensemble_run_id": run_id,
+        "ensemble_run_id": run_id, "ensemble_kind": result.kind,
+        **({"ensemble_procedure": result.decision.procedure} if result.decision else {}),
         **({k: f"{v:.6f}" for k, v in audit.items()} if audit else
            {"audit": "off: every figure of this version is in-sample (selection)"}),
     }

@@ -3,12 +3,14 @@
 trial runs and several workers in one process cannot log into each other's runs."""
 
 from .client import (
+                     NOTE_TAG,
                      PARENT_TAG,
                      PROBE_ENV,
                      TrackingError,
                      adopted_run,
                      check_tracking,
                      client,
+                     describe_run,
                      download_artifact,
                      end_run,
                      ensure_experiment,
@@ -33,8 +35,8 @@ from .outputs import (
                      write_evaluation,
 )
 
-__all__ = ["PARENT_TAG", "PROBE_ENV", "TrackingError", "adopted_run", "check_tracking", "client",
-           "download_artifact", "end_run", "ensure_experiment", "git_commit", "log_metrics", "log_params", "open_run",
-           "redact", "run_guard", "scrub", "set_tags", "standard_tags", "start_run", "log_dataset", "EpochLogger",
-           "classification_outputs", "confusion_figure", "log_training_outputs", "per_class_metrics",
-           "write_evaluation"]
+__all__ = ["NOTE_TAG", "PARENT_TAG", "PROBE_ENV", "TrackingError", "adopted_run", "check_tracking", "client",
+           "describe_run", "download_artifact", "end_run", "ensure_experiment", "git_commit", "log_metrics",
+           "log_params", "open_run", "redact", "run_guard", "scrub", "set_tags", "standard_tags", "start_run",
+           "log_dataset", "EpochLogger", "classification_outputs", "confusion_figure", "log_training_outputs",
+           "per_class_metrics", "write_evaluation"]

@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is dep
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent.parent
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI (markdown)
 
 
 class TrackingError(RuntimeError):
@@ -161,6 +162,11 @@ def log_metrics(mlflow_client: MlflowClient, run_id: str, values: dict[str, floa
 
 def set_tags(mlflow_client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
     mlflow_client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def describe_run(mlflow_client: MlflowClient, run_id: str, text: str) -> None:
+    """Set the run's Description, the markdown the UI shows above its details (MLflow keeps it in a tag)."""
+    set_tags(mlflow_client, run_id, {NOTE_TAG: text[:5000]})
 
 
 def download_artifact(mlflow_client: MlflowClient, run_id: str, path: str, dst: str | os.PathLike) -> Path:

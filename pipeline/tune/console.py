@@ -118,9 +118,11 @@ def print_summary(summary: TuneSummary) -> None:
     if outcome is not None:
         e, audit = outcome.result, outcome.audit
         a, b = e.member_a, e.member_b
-        print(f"\nensemble  {a.label} ({e.variant_a}, T={e.temperature_a:.2f}) x {e.weight:.2f} + {b.label} "
+        print(f"\nensemble  {e.kind}: {a.label} ({e.variant_a}, T={e.temperature_a:.2f}) x {e.weight:.2f} + {b.label} "
               f"({e.variant_b}, T={e.temperature_b:.2f}) x {1 - e.weight:.2f} ({e.method} vote)")
-        print(f"          selection (in-sample: every choice read these {e.selection_images} images): "
+        if e.decision is not None:
+            print(f"          why: {e.decision.reason}")
+        print(f"          selection ({e.selection_note}): "
               f"accuracy {_pct(e.selection_accuracy)}, members {_pct(e.member_a_accuracy)} and "
               f"{_pct(e.member_b_accuracy)}")
         if audit:

@@ -168,7 +168,9 @@ def log_session_figures(session: Session) -> None:
                 say(f"note: could not draw {name}: {exc}")
         try:
             run = latest_ensemble_run(session.client, session.experiment_id, session.parent_run_id)
-            if run is not None:
+            # Cross-fitted final runs have no curve: no selection image can score a weighted pair of them.
+            if run is not None and any(f.path == M.WEIGHT_CURVE_PNG
+                                       for f in session.client.list_artifacts(run.info.run_id)):
                 (out / "dl").mkdir()
                 got = tracking.download_artifact(session.client, run.info.run_id, M.WEIGHT_CURVE_PNG, out / "dl")
                 path = out / Path(M.SESSION_WEIGHT_CURVE_PNG).name

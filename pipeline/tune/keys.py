@@ -36,6 +36,7 @@ FINAL = "final"  # in a time budget: one of the plan's final runs
 REFIT_OF = "refit_of"  # the search trial a refit continues, and its run
 REFIT_OF_RUN = "refit_of_run"
 FINAL_OF = "final_of"  # the search trial whose configuration a final run trains (-1: the default)
+SELECTION_HALF = "selection_half"  # a pair's final run: the selection half it is scored on (it trains on the other)
 DEFAULT_CONFIG = "default_config"  # the preset's own configuration, each searching member's first trial
 WARM_START_FROM = "warm_start_from"  # STUDY.arch#n: the earlier trial a warm-started one repeats
 

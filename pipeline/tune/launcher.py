@@ -86,9 +86,11 @@ def start_child(number: int, preset_file: Path, env: dict[str, str]) -> Child:
     args = [sys.executable, "-m", "pipeline", "tune", "--config", str(preset_file), "--trials-only", "--no-progress"]
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
         # A session of its own: a terminal's Ctrl-C reaches the launcher only, which stops each worker
-        # once (a second signal would cut short the worker's own closing of its trial).
+        # once (a second signal would cut short the worker's own closing of its trial). In this
+        # process's working directory, the user's: the preset's relative data root and sqlite storage,
+        # and a relative tracking URI, name the files they name here.
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                cwd=os.getcwd(), start_new_session=True)
     return Child(number, proc, log)
 
 

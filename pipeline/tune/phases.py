@@ -21,15 +21,23 @@ from optuna.trial import TrialState
 from .. import metrics as M
 from .. import tracking
 from ..config import Preset, TrainConfig, param_name
+from ..data import Dataset
+from ..data.crossfit import with_selection_half
 from ..models import arch_args
 from ..progress import say
 from ..train.checkpoint import load_checkpoint
 from ..train.speed import measure_speed
 from . import keys
 from .budget import Budget
+from .description import PENDING, description, plan_lines
 from .plan import Plan, PlanSettings, Speed, make_plan, pair_affordable
 from .session import Session
 from .storage import storage_lock
+
+# Standard errors by which the search's best configuration must beat the default to replace it in the
+# final runs: the best of ~9 noisy scores beats the default by about two standard errors by chance alone
+# (measured: on small UniBuc a 5-pass search's winner scored below the default at 54 passes).
+SEARCH_MARGIN = 2.0
 
 
 def default_params(preset: Preset, arch: str) -> dict[str, Any]:
@@ -81,7 +89,8 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
 
 
 def log_plan(session: Session, plan: Plan, speeds: dict[str, Speed]) -> None:
-    """``plan.json`` and the plan's figures as params of the parent run."""
+    """``plan.json``, the plan's figures as params of the parent run, and the plan as its Description
+    (the outcome follows when the session ends: ``run.close_session``)."""
     session.client.log_dict(session.parent_run_id, {**plan.to_dict(), "speeds": {a: vars(s) for a, s in speeds.items()},
                                                     "text": plan.lines()}, "plan.json")
     tracking.log_params(session.client, session.parent_run_id, {
@@ -89,6 +98,8 @@ def log_plan(session: Session, plan: Plan, speeds: dict[str, Speed]) -> None:
         "plan.final_members": ",".join(plan.final_members), "plan.rung_passes": plan.rung_passes,
         **{f"plan.configs.{a}": n for a, n in plan.configs.items()},
         **{f"plan.speed.{a}": round(s.images_per_second, 1) for a, s in speeds.items()}})
+    tracking.describe_run(session.client, session.parent_run_id,
+                          description(plan_lines(plan, session.preset), [PENDING]))
 
 
 def enqueue_defaults(session: Session, plan: Plan) -> None:
@@ -109,21 +120,38 @@ def enqueue_finals(session: Session, plan: Plan) -> dict[str, str]:
     default; a member named twice gets two runs (their seeds differ with their trial numbers).
     Returns arch -> where its configuration came from."""
     enqueued = {}
+    crossfit = crossfit_finals(session, plan)
     for arch in sorted(set(plan.final_members), key=plan.final_members.index):
         study = session.studies[arch]
         with storage_lock(session.storage_url, keys.admit_lock(study.study_name)):
             if study.user_attrs.get(keys.FINALS_ENQUEUED):
                 continue
             study.set_user_attr(keys.FINALS_ENQUEUED, True)
-            best = final_choice(study, plan.selection_noise)
+            best = final_choice(study, SEARCH_MARGIN * plan.selection_noise)
             params = best.params if best is not None else default_params(session.preset, arch)
-            for _ in range(plan.final_members.count(arch)):
-                study.enqueue_trial(params, user_attrs={keys.PHASE: keys.FINAL,
-                                                        keys.FINAL_OF: best.number if best else -1})
+            # A pair's run at position i of the plan is scored on selection half i (and trains on the other).
+            halves = [i for i, member in enumerate(plan.final_members) if member == arch]
+            for half in halves:
+                attrs = {keys.PHASE: keys.FINAL, keys.FINAL_OF: best.number if best else -1}
+                study.enqueue_trial(params, user_attrs={**attrs, keys.SELECTION_HALF: half} if crossfit else attrs)
             runs = plan.final_members.count(arch)
             enqueued[arch] = ((f"trial {best.number}'s configuration" if best is not None else
                                "its default configuration") + (f" ({runs} runs, two seeds)" if runs > 1 else ""))
     return enqueued
+
+
+def crossfit_finals(session: Session, plan: Plan) -> bool:
+    """Whether the plan's final runs are a pair that shares the selection split (``data.crossfit``)."""
+    return session.preset.study.finals_crossfit and len(plan.final_members) == 2
+
+
+def final_data(session: Session, trial: optuna.Trial) -> Dataset:
+    """What a run trains and is scored on: the session's data, or for a pair's final run the training
+    images plus the selection half it is not scored on."""
+    half = trial.user_attrs.get(keys.SELECTION_HALF)
+    if half is None:
+        return session.data
+    return with_selection_half(session.data, int(half), session.preset.study.sampler_seed)
 
 
 def final_choice(study: optuna.Study, noise: float) -> optuna.trial.FrozenTrial | None:

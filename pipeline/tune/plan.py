@@ -82,7 +82,8 @@ class Plan:
         finals += " (two seeds)" if len(set(self.final_members)) < len(self.final_members) else ""
         out.append(f"  final runs {self.final_seconds / 60:.1f} min: {finals}, each with a schedule that ends "
                    "at its share of the phase")
-        out.append(f"  selection-split noise: +/-{100 * self.selection_noise:.1f} points (one standard error)")
+        out.append(f"  selection-split noise: +/-{100 * self.selection_noise:.1f} points (one standard error; a "
+                   "searched configuration replaces a default only when it beats it by two)")
         out.extend(f"  why: {r}" for r in self.reasons)
         return out
 

@@ -35,6 +35,7 @@ from . import keys
 from .budget import Clock
 from .candidates import candidate_fingerprint, load_candidates
 from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_summary
+from .description import description, outcome_lines, plan_lines
 from .figures import log_session_figures, log_study_figures
 from .launcher import launched
 from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
@@ -81,7 +82,7 @@ def run_tuning(preset: Preset, options: WorkerOptions = WorkerOptions()) -> Tune
         finish_others_work(session, options.progress, jobs.threads)
         members = {arch: member_summary(session, arch) for arch in preset.study.members}
         ensemble, version = ensemble_and_register(session)  # [2/3] ensemble search, [3/3] registration
-        close_session(session, members)
+        close_session(session, members, ensemble, version)
     return summarise(session, members, ensemble, version, time.perf_counter() - start)
 
 
@@ -154,22 +155,37 @@ def ensemble_and_register(session: Session) -> tuple[EnsembleOutcome | None, str
     of candidate trials), then the session's own figures."""
     with storage_lock(session.storage_url, keys.ensemble_lock(session.study_name)):
         log_study_figures(session)
-        phase(2, f"pair, test-time flips, voting rule and weight over the top {session.preset.study.top_k} trials "
-                 "of each member (calibrated, on their stored selection-split logits), then the audit")
+        phase(2, ("the final runs" if session.plan is not None else f"the top {session.preset.study.top_k} trials "
+                  "of each member") + ": the equal-weight pair unless the selection split shows a better choice "
+                 "(the best member alone, or a searched pair, flips, rule and weight), then the audit")
         with hushed():
             outcome = ensemble_once(session, session.preset.study.model_name)
         log_session_figures(session)
     return outcome
 
 
-def close_session(session: Session, members: dict[str, dict[str, Any]]) -> None:
+def close_session(session: Session, members: dict[str, dict[str, Any]], ensemble: EnsembleOutcome | None,
+                  version: str | None) -> None:
     tracking.log_metrics(session.client, session.parent_run_id, {
         f"{arch}_best_val_accuracy": m["best_val_accuracy"] for arch, m in members.items()
         if m["best_val_accuracy"] is not None})
     if session.budget is not None:
         tracking.log_metrics(session.client, session.parent_run_id, {
             "budget_seconds": session.budget.seconds, "budget_used_seconds": session.clock() - session.budget.started})
+    describe_session(session, members, ensemble, version)
     tracking.end_run(session.client, session.parent_run_id, "FINISHED")
+
+
+def describe_session(session: Session, members: dict[str, dict[str, Any]], ensemble: EnsembleOutcome | None,
+                     version: str | None) -> None:
+    """The parent run's Description: the plan and the outcome. A worker that registered nothing
+    leaves the Description of the one that did (this session's, or an earlier one's on these trials)."""
+    if ensemble is None and session.first_study.user_attrs.get(keys.ENSEMBLE_VERSION):
+        return
+    budget_note = session.budget.describe_use(session.clock()) if session.budget else ""
+    outcome = outcome_lines(members, ensemble, version, session.preset.study.model_name, budget_note)
+    tracking.describe_run(session.client, session.parent_run_id,
+                          description(plan_lines(session.plan, session.preset), outcome))
 
 
 def summarise(session: Session, members: dict[str, dict[str, Any]], ensemble: EnsembleOutcome | None,
@@ -211,6 +227,7 @@ def ensemble_once(session: Session, model_name: str) -> tuple[EnsembleOutcome | 
                                     tags={**tracking.standard_tags("cpu"), "kind": "ensemble",
                                           "optuna.study": session.study_name})
         with tracking.run_guard(client, run_id):
+            tracking.log_dataset(client, run_id, data, context="validation")  # it chooses on the selection split
             result = build_ensemble(candidates, data.validation.labels.numpy(), data.validation.ids, data.classes,
                                     session.preset.study, client, run_id, mirror_votes(session))
             audit = None

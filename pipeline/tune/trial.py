@@ -32,7 +32,7 @@ from ..progress import EpochLines
 from ..train import Deadline, build_and_fit, resolve_device
 from . import keys, sampling
 from .budget import EpochBudget, final_deadline
-from .phases import refit_start, search_epochs, waiting_finals
+from .phases import final_data, refit_start, search_epochs, waiting_finals
 from .pruners import PruningReporter
 from .session import WORKER, Session
 from .storage import Heartbeat, heartbeat_enabled, retry
@@ -200,10 +200,13 @@ class _TrialRun:
         params = {**flat_params(Preset(session.preset.name, data_cfg, model_cfg, train_cfg)),
                   "train.applied_lr": train_cfg.applied_lr}  # what the run trained at (train.lr_batch)
         tracking.log_params(client, self.run_id, {**params, **{f"optuna.{k}": v for k, v in trial.params.items()}})
-        result = build_and_fit(model_cfg, session.data, data_cfg, train_cfg, self.listener, progress, initial,
-                               deadline)
+        tracking.log_dataset(client, self.run_id, session.data)  # the runs table's Dataset column, as the parent's
+        data = final_data(session, trial)
+        if data is not session.data:
+            tracking.set_tags(client, self.run_id, {"trained_on": f"{data.train.name} ({len(data.train)} images)"})
+        result = build_and_fit(model_cfg, data, data_cfg, train_cfg, self.listener, progress, initial, deadline)
         faults.inject("artifact_failure", self.arch, trial.number)
-        tracking.log_training_outputs(client, self.run_id, result, session.data, model_cfg, data_cfg, train_cfg)
+        tracking.log_training_outputs(client, self.run_id, result, data, model_cfg, data_cfg, train_cfg)
         tracking.set_tags(client, self.run_id, {"optuna.state": "COMPLETE", "precision": result.precision,
                                                 "stop_reason": result.stop_reason})
         return result.best_val_accuracy
