@@ -67,11 +67,17 @@ def test_the_margin_is_what_decides():
     assert decide(_inputs(logits, y), margin=1e6).procedure == "equal"
 
 
-def test_one_candidate_is_a_single_member_without_cross_fitting():
+def test_one_candidate_is_a_single_member_unless_its_mirror_vote_pays():
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 5, 100)
-    d = decide(_inputs([_informative(rng, y, 2.0)], y, archs=["cnn_v1"]), margin=2.0)
-    assert d.procedure == "single" and d.single and d.crossfit_accuracy == {}
+    y = rng.integers(0, 5, 300)
+    plain = _informative(rng, y, 1.0)
+    d = decide(_inputs([plain], y, archs=["cnn_v1"]), margin=2.0)  # no mirror logits: nothing to search
+    assert d.procedure == "single" and d.single and set(d.crossfit_accuracy) == {"single", "searched"}
+    # Mirror images that carry independent evidence: averaging both views beats the plain images out of fold.
+    inputs = Inputs([plain], [_informative(rng, y, 1.0)], ["cnn_v1"], y, ("soft",), 0.05, 0, True)
+    d = decide(inputs, margin=2.0)
+    assert d.procedure == "searched" and d.single and "hflip" in (d.choice.variant_a, d.choice.variant_b), d.reason
+    assert "beats the best member alone" in d.reason
 
 
 def test_out_of_fold_scores_images_the_fit_did_not_read():

@@ -120,42 +120,45 @@ def out_of_fold(inputs: Inputs, fit: Callable[[dict[tuple, View], Inputs], Choic
 
 def decide(inputs: Inputs, margin: float, folds: int = FOLDS) -> Decision:
     """The procedure the selection split supports, fitted on all of it. ``margin``: standard errors of
-    the per-image difference by which a challenger must beat the equal pair."""
+    the per-image difference by which a challenger must beat the default (the equal pair; with one
+    candidate, that candidate alone, whose challenger is its searched test-time variant)."""
     views = calibrate(inputs.logits, inputs.flipped, inputs.labels, inputs.mirror)
     folds = min(folds, int(np.bincount(inputs.labels).min()) if len(inputs.labels) else 0)
-    if len(inputs.logits) == 1 or folds < 2:
-        alone = len(inputs.logits) == 1
-        procedure = "single" if alone else "equal"
-        why = ("one candidate: the best member alone" if alone else
-               "too few selection images per class to cross-fit: the equal-weight pair")
-        return Decision(procedure, FIT[procedure](views, inputs), {}, {}, why)
-    right = {name: out_of_fold(inputs, FIT[name], folds) for name in PROCEDURES}
-    base = right["equal"].astype(float)
+    procedures = PROCEDURES if len(inputs.logits) > 1 else ("single", "searched")
+    if folds < 2:
+        why = f"too few selection images per class to cross-fit: {NAMES[procedures[0]]}"
+        return Decision(procedures[0], FIT[procedures[0]](views, inputs), {}, {}, why)
+    right = {name: out_of_fold(inputs, FIT[name], folds) for name in procedures}
+    base = right[procedures[0]].astype(float)
     gain = {}
-    for name in PROCEDURES[1:]:
+    for name in procedures[1:]:
         d = right[name].astype(float) - base
         gain[name] = (float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0)
     beating = [n for n, (g, se) in gain.items() if g > 0 and g > margin * se]
-    procedure = max(beating, key=lambda n: (gain[n][0], -PROCEDURES.index(n))) if beating else "equal"
+    procedure = max(beating, key=lambda n: (gain[n][0], -PROCEDURES.index(n))) if beating else procedures[0]
     crossfit = {name: float(r.mean()) for name, r in right.items()}
     return Decision(procedure, FIT[procedure](views, inputs), crossfit, gain,
-                    _reason(procedure, crossfit, gain, margin))
+                    _reason(procedures[0], procedure, crossfit, gain, margin))
 
 
-def _reason(procedure: str, crossfit: dict[str, float], gain: dict[str, tuple[float, float]], margin: float) -> str:
+NAMES = {"equal": "the equal-weight pair", "single": "the best member alone",
+         "searched": "the searched pair/flips/rule/weight"}
+
+
+def _reason(base: str, procedure: str, crossfit: dict[str, float], gain: dict[str, tuple[float, float]],
+            margin: float) -> str:
     def pts(name: str) -> str:
         g, se = gain[name]
-        return f"{100 * crossfit[name]:.1f} % ({100 * g:+.1f} ± {100 * se:.1f} points)"
+        return f"{NAMES[name]} {100 * crossfit[name]:.1f} % ({100 * g:+.1f} ± {100 * se:.1f} points)"
 
-    figures = (f"cross-fitted selection accuracy ({FOLDS} folds): equal-weight pair {100 * crossfit['equal']:.1f} %, "
-               f"best member alone {pts('single')}, searched pair/flips/rule/weight {pts('searched')}")
-    if procedure == "equal":
-        tie = abs(gain["single"][0]) <= margin * gain["single"][1]
-        return (figures + f"; nothing beats the equal-weight pair by more than {margin:g} standard error(s): kept it"
+    figures = (f"cross-fitted selection accuracy ({FOLDS} folds): {NAMES[base]} {100 * crossfit[base]:.1f} %, "
+               + ", ".join(pts(name) for name in gain))
+    if procedure == base:
+        tie = base == "equal" and abs(gain["single"][0]) <= margin * gain["single"][1]
+        return (figures + f"; nothing beats {NAMES[base]} by more than {margin:g} standard error(s): kept it"
                 + (" (the selection split cannot tell the pair from its best member alone; two runs averaged is the "
                    "better-supported choice)" if tie else ""))
-    name = {"single": "the best member alone", "searched": "the searched combination"}[procedure]
-    return figures + f"; {name} beats the equal-weight pair by more than {margin:g} standard error(s): chose it"
+    return figures + f"; {NAMES[procedure]} beats {NAMES[base]} by more than {margin:g} standard error(s): chose it"
 
 
 @dataclass(frozen=True)
