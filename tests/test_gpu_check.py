@@ -102,14 +102,24 @@ def test_make_gpu_check_on_the_cpu_with_the_defaults_writes_every_field(tmp_path
     assert predict["images_per_second"] > 0 and predict["device"] == "cpu"
 
 
-@pytest.mark.slow
-def test_make_gpu_check_with_a_relative_work_folder_outside_the_checkout(tmp_path: Path) -> None:
-    checkout = fresh_checkout(tmp_path / "checkout")
-    proc = make_gpu_check(checkout, "GPU_CHECK_WORKDIR=../checks/gpu", "GPU_CHECK_OUT=../checks/gpu-check.json")
-    assert_passed_quietly(proc)
-    work = tmp_path / "checks" / "gpu"
-    figures = json.loads((tmp_path / "checks" / "gpu-check.json").read_text())
-    assert figures["passed"] is True and (work / "synthetic-tiny" / "test.csv").exists()
-    assert_registered(work, figures)
-    assert figures["predict"]["rows"] > 0 and Path(figures["predict"]["out"]) == (work / "submission.csv").resolve()
-    assert not (checkout / "gpu-check").exists() and not (checkout / "gpu-check.json").exists()
+@pytest.mark.parametrize("workdir", ["gpu-check", "../checks/gpu", "ABSOLUTE"])
+@pytest.mark.parametrize("data", [None, "data/mine", "ABSOLUTE"])
+def test_every_path_a_child_gets_is_absolute_and_where_the_user_meant(tmp_path, monkeypatch, workdir, data):
+    """What `make gpu-check` above runs with its default (relative) work folder, for the other forms a user
+    gives (GPU_CHECK_WORKDIR relative outside the checkout, or absolute; --data relative or absolute): the
+    tune and predict children run inside the work folder, so each path is resolved against the user's
+    working directory before they get it."""
+    from pipeline.bench.gpu_check import work_paths
+
+    user = tmp_path / "checkout"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    given_work = str(tmp_path / "abs-work") if workdir == "ABSOLUTE" else workdir
+    given_data = str(tmp_path / "abs-data") if data == "ABSOLUTE" else data
+    work, root = work_paths(Path(given_work), given_data, "tiny")
+    expected_work = (user / given_work).resolve() if workdir != "ABSOLUTE" else tmp_path / "abs-work"
+    assert work == expected_work and work.is_absolute()
+    if data is None:
+        assert root == expected_work / "synthetic-tiny"
+    else:
+        assert root == ((user / given_data).resolve() if data != "ABSOLUTE" else tmp_path / "abs-data")

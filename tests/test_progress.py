@@ -364,6 +364,7 @@ def test_every_command_prints_only_its_own_lines(tuned, tmp_path):
     library's (sklearn's SVC(probability=True) FutureWarning in `baseline`, MLflow's store set-up...)."""
     checkout = _copy_of_the_checkout(tmp_path / "deepfake-tune")
     env = cli_env(checkout, PYTHONWARNINGS="default")  # MLFLOW_TRACKING_URI: ./mlflow.db, the default
+    env.pop("MLFLOW_LOGGING_LEVEL", None)  # as a person's shell has it (an in-process CLI test may have set it here)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # as `. .venv/bin/activate`
     for args in COMMANDS:
         assert (checkout / "mlflow.db").exists() == (args[0] not in ("data", "train")), args

@@ -114,6 +114,13 @@ def step_figures(s: GpuCheckSettings, say: Callable[[str], None]) -> tuple[dict[
     return speed, sync
 
 
+def work_paths(workdir: Path, data: str | None, synth_preset: str) -> tuple[Path, Path]:
+    """(work folder, dataset root), absolute against the user's working directory: the children run
+    inside the work folder, where a relative path would name a folder inside it."""
+    workdir = workdir.resolve()
+    return workdir, (Path(data).resolve() if data else workdir / f"synthetic-{synth_preset}")
+
+
 def child_env(workdir: Path) -> dict[str, str]:
     """The tune and predict processes' environment: their own tracking store and cache in ``workdir``
     (absolute: the children run inside it)."""
@@ -181,15 +188,12 @@ def run_gpu_check(s: GpuCheckSettings, workdir: Path, say: Callable[[str], None]
     """Every step; returns the figures (also what ``gpu-check.json`` holds). A step that fails is
     recorded with its error and the later steps that need it are marked as not run."""
     start = time.perf_counter()
-    # The children run inside ``workdir``: every path they get is made absolute here, against the
-    # user's working directory, or a relative one would name a folder inside the work folder.
-    workdir = workdir.resolve()
+    workdir, root = work_paths(workdir, s.data, s.synth_preset)
     workdir.mkdir(parents=True, exist_ok=True)
     if s.toy:
         say("no CUDA: running the same steps on the CPU at toy size (figures say nothing about a GPU)")
     out: dict[str, Any] = {"settings": asdict(s), "machine": device_info(torch.device(s.device)), "toy": s.toy}
     out["step_speed"], out["sync_debug"] = step_figures(s, say)
-    root = Path(s.data).resolve() if s.data else workdir / f"synthetic-{s.synth_preset}"
     if not root.exists():
         say(f"synthesizing the {s.synth_preset} dataset into {root}")
         synthesize(root, s.synth_preset)
