@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +273,22 @@ def tuned(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Tu
                                "storage": f"sqlite:///{workdir / 'optuna.db'}", "no_progress": "true"}, workdir,
                       PYTHONWARNINGS="default,ignore:The ``noload`` loader strategy is deprecated")
     return Tuned(workdir, data, proc.stdout + proc.stderr)
+
+
+def fresh_checkout(dest: Path) -> Path:
+    """``dest`` as a fresh clone of this checkout's working tree (the files git tracks or would track),
+    using this venv: ``make`` finds it at ``.venv`` and, its stamp newer than ``pyproject.toml``,
+    installs nothing."""
+    venv = Path(sys.prefix)
+    stamp = venv / ".installed-stamp"
+    if not stamp.exists() or not (PROJECT_DIR / ".git").exists():
+        pytest.skip("needs a git checkout and the venv `make install` builds (its .installed-stamp)")
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_DIR,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (PROJECT_DIR / name).is_file():  # a tracked file another change deleted is not in the clone
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_DIR / name, dest / name)
+    (dest / ".venv").symlink_to(venv)
+    os.utime(dest / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)  # never a reinstall into the venv
+    return dest

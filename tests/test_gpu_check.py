@@ -11,12 +11,11 @@ import csv
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import fresh_checkout
 from mlflow.tracking import MlflowClient
 from quiet import kind_of, third_party_lines
 
@@ -24,23 +23,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 SPEED_FIELDS = {"train_images_per_second", "eval_images_per_second", "train_step_ms", "outside_kernels_share"}
 
 
-def fresh_checkout(dest: Path) -> Path:
-    """``dest`` as a fresh clone of this checkout's working tree (the files git tracks or would track),
-    using this venv: ``make`` finds it at ``.venv`` and, its stamp newer than ``pyproject.toml``,
-    installs nothing."""
-    venv = Path(sys.prefix)
-    stamp = venv / ".installed-stamp"
-    if not stamp.exists() or not (PROJECT / ".git").exists():
-        pytest.skip("needs a git checkout and the venv `make install` builds (its .installed-stamp)")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        if (PROJECT / name).is_file():  # a tracked file another change deleted is not in the clone
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT / name, dest / name)
-    (dest / ".venv").symlink_to(venv)
-    os.utime(dest / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)  # never a reinstall into the venv
-    return dest
 
 
 def make_gpu_check(checkout: Path, *variables: str) -> subprocess.CompletedProcess:

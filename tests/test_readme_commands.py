@@ -19,16 +19,15 @@ import ast
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import fresh_checkout
 from mlflow.tracking import MlflowClient
 from quiet import kind_of, third_party_lines
 
@@ -189,23 +188,6 @@ def anchors(markdown: str) -> set[str]:
 # ---- running the commands -------------------------------------------------------------------------------
 
 
-def fresh_checkout(dest: Path) -> Path:
-    """``dest`` as a fresh clone of this checkout's working tree (the files git tracks or would track),
-    with this venv as ``.venv``: make and ``. .venv/bin/activate`` find it, and its stamp, newer than
-    ``pyproject.toml``, means nothing is installed."""
-    venv = Path(sys.prefix)
-    stamp = venv / ".installed-stamp"
-    if not stamp.exists() or not (PROJECT / ".git").exists():
-        pytest.skip("needs a git checkout and the venv `make install` builds (its .installed-stamp)")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        if (PROJECT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT / name, dest / name)
-    (dest / ".venv").symlink_to(venv)
-    os.utime(dest / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)
-    return dest
 
 
 def person_env(home: Path) -> dict[str, str]:
