@@ -292,3 +292,26 @@ def fresh_checkout(dest: Path) -> Path:
     (dest / ".venv").symlink_to(venv)
     os.utime(dest / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)  # never a reinstall into the venv
     return dest
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL for the scale-out tests (tests/pg.py), shared by them: each test uses databases of
+    its own (``optuna`` and ``spare``: test_postgres; ``slurm``: test_slurm)."""
+    from pg import missing_binaries, postgres_server
+
+    reason = missing_binaries()
+    if reason:
+        pytest.skip(reason)
+    with postgres_server(databases=("optuna", "mlflow", "spare", "slurm")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory):
+    """A real ``mlflow server`` on PostgreSQL, shared: each test logs to an experiment and registers a model
+    name of its own."""
+    from pg import mlflow_server
+
+    with mlflow_server(postgres.url("mlflow"), tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server

@@ -195,6 +195,17 @@ def test_final_runs_in_turn_share_the_final_phase_evenly():
     assert final_deadline(1400.0, 1300.0, waiting=1) == 1400.0  # past the phase: stop at once
 
 
+def test_with_a_worker_per_final_run_each_trains_to_the_phases_end():
+    from pipeline.tune.budget import final_deadline
+
+    # Two workers, two final runs: the first to start (one still waiting) and the second both end at
+    # the phase's end; a third run waiting goes to a second round, so each of the first two takes half.
+    assert final_deadline(1000.0, 1300.0, waiting=1, workers=2) == 1300.0
+    assert final_deadline(1005.0, 1300.0, waiting=0, workers=2) == 1300.0
+    assert final_deadline(1000.0, 1300.0, waiting=2, workers=2) == 1150.0
+    assert final_deadline(1000.0, 1300.0, waiting=1, workers=1) == 1150.0  # one worker: in turn, as before
+
+
 def test_the_parent_runs_description_tells_the_plan_then_the_outcome(tracking_here):
     """The session as the MLflow UI's Description shows it: the plan when it is made (``log_plan``, in a
     real tracking store), then the outcome, each figure named for its images (selection accuracy is

@@ -5,6 +5,7 @@ what it can, one member or a pair for the final runs, and the default kept over 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,100 @@ def test_the_ensemble_leaves_mirror_votes_out_when_their_audit_does_not_fit_the_
     assert "mirror-image votes left out" in capsys.readouterr().err
     assert mirror_votes(replace(session, budget=None))  # no budget: the search tries them
     assert mirror_votes(replace(session, audit=None))  # no audit split: nothing to pay for
+
+
+def test_two_workers_train_the_pair_side_by_side_and_search_two_configurations_at_a_time():
+    # The large budget of test_a_large_budget_searches_what_it_can_judge (a pass of a in 25 s, of b in 50 s,
+    # 7 s overhead; 3,510 s usable), with two workers: each final run has a worker of its own, so it gets
+    # the whole final phase of 0.6 x 3,510 = 2,106 s: a (2,106 - 7) / 25 = 84.0 passes, b 2,099 / 50 = 42.0,
+    # both >= 40: the pair a + b. One worker runs a pair in turn, half the phase each: b would get 20.9
+    # passes, so it trains two seeds of a, 41.8 passes each.
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(50.0, 0.001)}
+    settings = PlanSettings(0.6, 0.1, 2, 3, pair_min_passes=40)
+    one = make_plan(speeds, 3600, 30, 60, 2500, 500, settings)
+    two = make_plan(speeds, 3600, 30, 60, 2500, 500, replace(settings, workers=2))
+    assert one.final_members == ("a", "a") and one.workers == 1
+    assert one.final_passes == {"a": pytest.approx(1046 / 25)}
+    assert two.final_members == ("a", "b") and two.workers == 2
+    assert two.final_seconds == pytest.approx(2106) and two.search_seconds == pytest.approx(1404)
+    assert two.final_passes == {"a": pytest.approx(2099 / 25), "b": pytest.approx(2099 / 50)}
+    # Search runs of ceil(0.1 x 42.0) = 5 passes: a 132 s, b 257 s; two workers' 2 x 1,404 s split between
+    # the two members: 1,404 s each, 10 runs of a and 5 of b (one worker's plan would fit half as many).
+    assert two.rung_passes == 5 and two.configs == {"a": 10, "b": 5}
+    text = "\n".join(two.lines())
+    assert "2 workers: the search runs 2 configurations at a time; each trains one of the final runs, side by " \
+           "side; one builds the ensemble" in text
+    assert "ends at the phase's end, side by side" in text
+    assert "workers" not in "\n".join(one.lines())  # one worker: the plan reads as before
+    assert Plan.from_dict(two.to_dict()) == two
+
+
+def test_with_two_workers_a_second_seed_costs_no_time_so_there_is_always_a_pair():
+    # The small budget of the first test: one worker trains a alone for all 520 s, no search (a pair would
+    # get 5.0 passes a run, under 12; a search 1 run of 2 passes). Two workers: two runs of a side by side
+    # cost no time over one, and b stays out ((312 - 10) / 100 = 3.0 < 12 passes); the 208 s of search
+    # now hold 2 x 208 / 108 = 3 runs of 2 passes (100 s + 8 s), enough for a search of a.
+    speeds = {"a": Speed(50.0, 0.002), "b": Speed(25.0, 0.004)}
+    one = make_plan(speeds, 600, 20, 60, 2500, 500, SETTINGS)
+    two = make_plan(speeds, 600, 20, 60, 2500, 500, replace(SETTINGS, workers=2))
+    assert one.final_members == ("a",) and not one.search
+    assert two.final_members == ("a", "a") and two.final_seconds == pytest.approx(312)
+    assert two.final_passes == {"a": pytest.approx(304 / 50)}
+    assert two.configs == {"a": 3, "b": 0} and two.rung_passes == 2
+
+
+def test_four_workers_search_four_at_a_time_and_two_of_them_train_the_pair():
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(100.0, 0.001)}
+    one = make_plan(speeds, 3600, 30, 60, 2500, 500, SETTINGS)
+    four = make_plan(speeds, 3600, 30, 60, 2500, 500, replace(SETTINGS, workers=4))
+    # One worker: the pair's runs in turn, 41.8 passes each. Four: side by side, (2,106 - 7) / 25 = 84.0 each;
+    # search runs of ceil(8.4) = 9 passes (232 s) in 4 x 1,404 s / 2 members: 12 each.
+    assert one.final_passes == {"a": pytest.approx(1046 / 25), "b": pytest.approx(1046 / 25)}
+    assert four.final_passes == {"a": pytest.approx(2099 / 25), "b": pytest.approx(2099 / 25)}
+    assert four.rung_passes == 9 and four.configs == {"a": 12, "b": 12}
+    assert "2 of them train the final runs side by side, 2 stop after the search" in "\n".join(four.lines())
+
+
+def test_with_two_jobs_the_plan_is_made_for_two_workers_from_speeds_measured_two_at_a_time(tmp_path, tracking_here,
+                                                                                          capsys):
+    import multiprocessing
+
+    from pipeline.tune import open_session
+    from pipeline.tune.phases import session_plan
+    from pipeline.tune.session import session_budget
+
+    preset = _budget_preset(tmp_path, members=["cnn_v1"], n_jobs=2, jobs_as="processes")
+    session = open_session(preset, "plan2", "m", f"sqlite:///{tmp_path / 'optuna.db'}",
+                           clock=FakeClock(50_000.0, 0.05))
+    plan, made = session_plan(session, session_budget(session.studies["cnn_v1"], "40s", 10, session.clock))
+    assert made and plan.workers == 2 and plan.final_members == ("cnn_v1", "cnn_v1")
+    assert "speed of cnn_v1" in (err := capsys.readouterr().err) and "(each of 2 processes stepping at once)" in err
+    assert not multiprocessing.active_children()  # the probe's other process is gone
+    # Workers started elsewhere count too (study.workers): the plan is made for all of them.
+    more = _budget_preset(tmp_path / "w", members=["cnn_v1"], workers=3)
+    session = open_session(more, "plan3", "m", f"sqlite:///{tmp_path / 'optuna3.db'}", clock=FakeClock(50_000.0, 0.05))
+    plan, _ = session_plan(session, session_budget(session.studies["cnn_v1"], "40s", 10, session.clock))
+    assert plan.workers == 3 and "3 workers:" in "\n".join(plan.lines())
+    assert "processes stepping at once" not in capsys.readouterr().err  # one process here: measured alone
+
+
+def test_a_probe_whose_other_processes_cannot_start_in_time_is_measured_alone_and_says_so(tmp_path):
+    from pipeline.data import load_dataset
+    from pipeline.train.speed import measure_speed_shared
+
+    preset = _budget_preset(tmp_path)
+
+    data = load_dataset(preset.data)
+    model = replace(preset.model, arch="cnn_v1", num_classes=data.num_classes)
+    rate, eval_seconds, together = measure_speed_shared(model, data, preset.data, preset.train, 2,
+                                                        start_seconds=0.01)
+    assert together == 1 and rate > 0 and eval_seconds > 0
+    rate, eval_seconds, together = measure_speed_shared(model, data, preset.data, preset.train, 2)
+    assert together == 2 and rate > 0
+
+
+def test_a_final_fraction_of_one_is_named_a_pair_with_the_whole_time():
+    speeds = {"a": Speed(100.0, 0.001), "b": Speed(100.0, 0.001)}
+    plan = make_plan(speeds, 3600, 30, 60, 2500, 500, PlanSettings(1.0, 0.1, 2, 3, pair_min_passes=12))
+    assert not plan.search and plan.final_members == ("a", "b")
+    assert plan.reasons[-1].startswith("chose a pair with the whole time"), plan.reasons

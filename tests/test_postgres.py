@@ -15,7 +15,6 @@ import optuna
 import pytest
 from conftest import cli_env
 from mlflow.tracking import MlflowClient
-from pg import missing_binaries, mlflow_server, postgres_server
 from workers import (
     THREADS,
     assert_one_session,
@@ -28,21 +27,6 @@ from workers import (
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    reason = missing_binaries()
-    if reason:
-        pytest.skip(reason)
-    with postgres_server(databases=("optuna", "mlflow", "spare")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def tracking_server(postgres, tmp_path_factory):
-    with mlflow_server(postgres.url("mlflow"), tmp_path_factory.mktemp("mlflow-server")) as server:
-        yield server
 
 
 def test_a_wrong_password_is_a_clear_error_that_does_not_echo_it(postgres, small_data, tmp_path, tracking_here,

@@ -40,6 +40,7 @@ HERE = "tests/test_readme_commands.py"
 ACTIVATE = ". .venv/bin/activate"
 SERVE_PORT = 5001
 FIRST_HOUR = f"{HERE}::test_a_first_hour_runs_as_written"
+SLURM = "tests/test_slurm.py::test_a_two_task_job_array_runs_one_budgeted_session_and_a_cancelled_task_loses_nothing"
 
 # command, as the README writes it -> the test (pytest node id) that runs it as written
 COMMANDS = {
@@ -61,6 +62,10 @@ COMMANDS = {
         FIRST_HOUR,
     "curl -s -X POST http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d @request.json":
         FIRST_HOUR,
+    # The Slurm recipe, run as written with PRESET, STUDY, TUNE_STORAGE and MLFLOW_TRACKING_URI set to a toy
+    # preset, a real PostgreSQL and a real mlflow server, on a real single-node Slurm.
+    'python -m pipeline tune --setup-only --config "$PRESET" --study "$STUDY" --storage "$TUNE_STORAGE"': SLURM,
+    "sbatch --array=0-1 docs/slurm/tune-array.sbatch": SLURM,
     # The GPU check's toy size on the CPU, from a fresh copy with the Makefile's defaults (~1.5 min).
     "make gpu-check DEVICE=cpu":
         "tests/test_gpu_check.py::test_make_gpu_check_on_the_cpu_with_the_defaults_writes_every_field",

@@ -172,6 +172,8 @@ class StudyConfig:
     jobs_as: str = setting("auto", "how n_jobs > 1 runs: threads (one process), processes (this worker starts "
                                    "n_jobs - 1 more on the same storage and waits for them), auto (processes on "
                                    "CUDA, threads on the CPU)", choices=JOBS_AS)
+    workers: int | None = setting(None, "workers sharing a time budget's plan: this machine's n_jobs by default; "
+                                        "the total when workers also start elsewhere (a Slurm array's task count)")
     time_budget: str | None = setting(None, "wall clock of the whole session, shared by all its workers: 30m, 2h, "
                                             "90s; a plan made from measured speeds splits it into search, final "
                                             "runs, ensemble and registration (train: the run's length)")
@@ -205,6 +207,8 @@ class StudyConfig:
         check(self.trials >= 1, "study.trials", ">= 1", self.trials)
         check(self.top_k >= 1, "study.top_k", ">= 1", self.top_k)
         check(self.n_jobs >= 1, "study.n_jobs", ">= 1", self.n_jobs)
+        check(self.workers is None or self.workers >= self.n_jobs, "study.workers", ">= study.n_jobs (the workers "
+              "started on this machine count)", self.workers)
         check(0 < self.ensemble_weight_step <= 0.5, "study.ensemble_weight_step", "in (0, 0.5]",
               self.ensemble_weight_step)
         if not self.members:
@@ -221,6 +225,11 @@ class StudyConfig:
         check(self.warm_start_k >= 1, "study.warm_start_k", ">= 1", self.warm_start_k)
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+
+    @property
+    def plan_workers(self) -> int:
+        """How many workers a time budget's plan is made for."""
+        return self.workers or self.n_jobs
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ Everything here takes the clock as an argument (``time.time`` in use, a fake in 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,11 +83,13 @@ def admits(budget: Budget, now: float, epoch_seconds: float | None, phase_end: f
     return epoch_seconds is None or now + epoch_seconds <= phase_end
 
 
-def final_deadline(now: float, final_end: float, waiting: int) -> float:
+def final_deadline(now: float, final_end: float, waiting: int, workers: int = 1) -> float:
     """Where a final run starting ``now`` ends: an even share of the final phase left with the
-    ``waiting`` final runs not yet started, so one worker running them in turn runs every one.
-    (Workers that start final runs at the same moment each see fewer waiting and take more.)"""
-    return now + max(0.0, final_end - now) / (1 + max(0, waiting))
+    ``waiting`` final runs not yet started, run ``workers`` at a time, so the plan's workers running
+    them in rounds run every one (with a worker per run: each to the phase's end). Workers that start
+    final runs at the same moment each see fewer waiting and take more."""
+    rounds = math.ceil((1 + max(0, waiting)) / max(1, workers))
+    return now + max(0.0, final_end - now) / rounds
 
 
 class EpochBudget:

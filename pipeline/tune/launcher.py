@@ -57,7 +57,8 @@ def child_preset(session: Session, device: torch.device) -> Preset:
     """The launcher's settings with every default a worker could resolve differently made explicit
     (the session's study, storage and experiment, the device), one trial at a time each."""
     p = session.preset
-    study = replace(p.study, name=session.study_name, storage=session.storage_url, n_jobs=1, jobs_as="threads")
+    study = replace(p.study, name=session.study_name, storage=session.storage_url, n_jobs=1, jobs_as="threads",
+                    workers=p.study.plan_workers)
     experiment = session.client.get_experiment(session.experiment_id).name
     return replace(p, study=study, train=replace(p.train, device=str(device)),
                    tracking=replace(p.tracking, experiment=experiment))
@@ -138,6 +139,15 @@ class Jobs:
                 proc.wait()
 
 
+def share_cores(preset: Preset) -> None:
+    """With ``n_jobs`` worker processes on the CPU, this one's intra-op threads are its share of the
+    cores (as the started workers' are, unless the user set ``OMP_NUM_THREADS``): set before the plan
+    measures speeds, which are then the speeds the workers will see."""
+    device, study = resolve_device(preset.train.device), preset.study
+    if runs_processes(study, device) and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_share(study.n_jobs))
+
+
 @contextlib.contextmanager
 def launched(session: Session) -> Iterator[Jobs]:
     """This worker's jobs. With processes: the other N - 1 workers started (after the session and its
@@ -148,8 +158,6 @@ def launched(session: Session) -> Iterator[Jobs]:
     if not runs_processes(session.preset.study, device):
         yield Jobs(n_jobs)
         return
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cpu_share(n_jobs))  # this worker's share, now the plan has measured speeds
     folder = Path(tempfile.mkdtemp(prefix=f"tune-{re.sub(r'[^A-Za-z0-9_.-]', '_', session.study_name)}-"))
     preset_file = folder / "preset.yaml"  # in a private folder: the storage URL may hold a password
     preset_file.write_text(preset_yaml(child_preset(session, device)))

@@ -26,7 +26,7 @@ from ..data.crossfit import with_selection_half
 from ..models import arch_args
 from ..progress import say
 from ..train.checkpoint import load_checkpoint
-from ..train.speed import measure_speed
+from ..train.speed import measure_speed_shared
 from . import keys
 from .budget import Budget
 from .description import PENDING, description, plan_lines
@@ -59,23 +59,26 @@ def default_params(preset: Preset, arch: str) -> dict[str, Any]:
 
 
 def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
-    """The session's plan: made by the first worker (speeds measured here, a few seconds per member)
-    and stored on the first member study; every other worker reads it. Call under the session lock.
-    Returns (plan, made here)."""
+    """The session's plan: made by the first worker (speeds measured here, a few seconds per member,
+    with this machine's ``n_jobs`` processes stepping at once as its workers will) and stored on the first
+    member study; every other worker reads it. Call under the session lock. Returns (plan, made here)."""
     first = session.first_study
     stored = first.user_attrs.get(keys.PLAN)
     if stored:
         return Plan.from_dict(stored), False
     preset, data, s = session.preset, session.data, session.preset.study
     settings = PlanSettings(s.final_fraction, s.rung_fraction, s.min_rung_passes, s.min_configs, s.pair_min_passes,
-                            s.final_min_passes)
+                            s.final_min_passes, s.plan_workers)
     sizes = (len(data.train), len(data.validation), settings, len(session.audit) if session.audit is not None else 0)
     speeds = {}
     for arch in s.members:
         model_cfg = replace(preset.model, arch=arch, num_classes=data.num_classes)
-        rate, eval_rate = measure_speed(model_cfg, data, preset.data, preset.train)
+        rate, eval_rate, together = measure_speed_shared(model_cfg, data, preset.data, preset.train, s.n_jobs)
         speeds[arch] = Speed(rate, eval_rate)
-        say(f"speed of {arch}: {rate:.0f} training images/s, {1 / eval_rate:.0f} evaluated images/s")
+        say(f"speed of {arch}: {rate:.0f} training images/s, {1 / eval_rate:.0f} evaluated images/s"
+            + (f" (each of {together} processes stepping at once)" if together > 1 else "")
+            + (f" (measured alone: the other {s.n_jobs - 1} probe process(es) did not start)"
+               if together < s.n_jobs else ""))
         if not pair_affordable(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds, *sizes):
             rest = [a for a in s.members if a not in speeds]
             if rest:

@@ -35,6 +35,7 @@ class PlanSettings:
     pair_min_passes: float  # passes over the training data each of two final runs must get
     final_min_passes: float = 0.0  # passes a final run after a search must still get: below them, the
     # passes a search takes from the final run are worth more than what it can find
+    workers: int = 1  # that share the budget (``study.workers``, default ``study.n_jobs``)
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,33 @@ class Plan:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     audit_pass_seconds: float = 0.0  # one pass of the final runs over the audit images (in the tail): what a
     # mirror vote would cost again, so the ensemble may choose one only where the time left pays for it
+    workers: int = 1  # that share the budget: the search runs this many configurations at a time, and
+    # final runs that fit side by side each train to the final phase's end
 
     @property
     def search(self) -> bool:
         return any(self.configs.values())
+
+    @property
+    def side_by_side(self) -> bool:
+        """Whether every final run has a worker of its own (and trains to the final phase's end)."""
+        return self.workers >= len(self.final_members) > 1
+
+    def worker_roles(self) -> list[str]:
+        """What the workers do, phase by phase (the printed plan's "N workers" line)."""
+        roles = []
+        if self.search:
+            roles.append(f"the search runs {self.workers} configurations at a time")
+        runs = len(self.final_members)
+        if self.workers == runs:
+            roles.append("each trains one of the final runs, side by side")
+        elif self.workers > runs:
+            roles.append(f"{runs} of them train the final runs side by side, {self.workers - runs} stop after the "
+                         "search (the ensemble is a pair)")
+        else:
+            roles.append(f"the {runs} final runs in {waves(runs, self.workers)} rounds")
+        roles.append("one builds the ensemble")
+        return roles
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +95,8 @@ class Plan:
     def lines(self) -> list[str]:
         out = [f"plan for a {self.budget_seconds / 60:.1f}-minute budget ({self.setup_seconds:.0f} s of set-up "
                f"spent, {self.tail_seconds:.0f} s kept for ensemble, audit and registration):"]
+        if self.workers > 1:
+            out.append(f"  {self.workers} workers: " + "; ".join(self.worker_roles()))
         if self.search:
             per = ", ".join(f"{arch} {n}" for arch, n in self.configs.items() if n)
             out.append(f"  search {self.search_seconds / 60:.1f} min: configurations {per} (each member's default "
@@ -80,8 +106,9 @@ class Plan:
                        "defaults get the time")
         finals = ", ".join(f"{arch} ~{self.final_passes[arch]:.1f} passes" for arch in self.final_members)
         finals += " (two seeds)" if len(set(self.final_members)) < len(self.final_members) else ""
+        ends = "the phase's end, side by side" if self.side_by_side else "its share of the phase"
         out.append(f"  final runs {self.final_seconds / 60:.1f} min: {finals}, each with a schedule that ends "
-                   "at its share of the phase")
+                   f"at {ends}")
         out.append(f"  selection-split noise: +/-{100 * self.selection_noise:.1f} points (one standard error; a "
                    "searched configuration replaces a default only when it beats it by two)")
         out.extend(f"  why: {r}" for r in self.reasons)
@@ -100,6 +127,11 @@ def mirror_fits(seconds_left: float, tail_seconds: float, audit_pass_seconds: fl
     return seconds_left >= mirror_seconds(tail_seconds, audit_pass_seconds)
 
 
+def waves(runs: int, workers: int) -> int:
+    """Rounds in which ``workers`` train ``runs`` runs of equal length."""
+    return math.ceil(runs / max(1, workers))
+
+
 def pass_seconds(speed: Speed, train_images: int) -> float:
     return train_images / speed.images_per_second
 
@@ -116,7 +148,13 @@ def passes_in(seconds: float, speed: Speed, train_images: int, selection_images:
 
 def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: float, tail_seconds: float,
               train_images: int, selection_images: int, settings: PlanSettings, audit_images: int = 0) -> Plan:
-    """``speeds``: the members in preference order (the first is the primary member).
+    """``speeds``: the members in preference order (the first is the primary member), each measured as
+    the workers on one device will run it (their processes stepping at once).
+
+    ``settings.workers`` share the budget: a search runs that many configurations at a time, and final runs
+    that each have a worker train side by side, each to the final phase's end. A pair of two seeds
+    then costs no time over one run, so with two or more workers the plan always trains a pair (the
+    ensemble stage still keeps one run alone when the selection split says so).
 
     In order of preference: a pair of final runs after a search; a pair with the whole time; one
     final run after a search; one final run with the whole time. A pair needs each of its runs to
@@ -138,11 +176,13 @@ def make_plan(speeds: dict[str, Speed], budget_seconds: float, setup_seconds: fl
             reasons.append(refused)
             continue
         final_passes = budgeting.passes(final_seconds, chosen)
+        if not any(configs.values()):  # a final fraction of 1: the first option has the whole time
+            label = label.replace("after a search", "with the whole time")
         reasons.append(f"chose {label}: " + ", ".join(f"{a} ~{p:.1f} passes" for a, p in final_passes.items()))
         usable = budgeting.usable(chosen)
         return Plan(budget_seconds, setup_seconds, budgeting.tail(chosen), usable - final_seconds, final_seconds,
                     chosen, float(rung), configs, final_passes, budgeting.noise, tuple(reasons),
-                    budgeting.audit_pass(chosen))
+                    budgeting.audit_pass(chosen), settings.workers)
     raise AssertionError("the last option always applies")
 
 
@@ -156,8 +196,9 @@ def pair_affordable(speeds: dict[str, Speed], budget_seconds: float, setup_secon
     first = next(iter(speeds))
     alone = _Budgeting({first: speeds[first]}, budget_seconds, setup_seconds, tail_seconds, train_images,
                        selection_images, settings, audit_images)
-    # Every pair has the primary member in it, with at most half of the time that one run alone leaves.
-    half = alone.usable((first,)) / 2
+    # Every pair has the primary member in it, with at most half of the time that one run alone leaves
+    # (all of it when the pair's runs train side by side).
+    half = alone.usable((first,)) / waves(2, settings.workers)
     return passes_in(half, speeds[first], train_images, selection_images) >= settings.pair_min_passes
 
 
@@ -179,6 +220,10 @@ class _Budgeting:
         return list(self.speeds)
 
     @property
+    def workers(self) -> int:
+        return self.settings.workers
+
+    @property
     def noise(self) -> float:
         """One standard error of an accuracy near 75 % on the selection split."""
         return math.sqrt(0.75 * 0.25 / max(1, self.selection_images))
@@ -193,7 +238,7 @@ class _Budgeting:
         return max(0.0, self.budget_seconds - self.setup_seconds - self.tail(chosen))
 
     def passes(self, seconds: float, chosen: tuple[str, ...]) -> dict[str, float]:
-        share = seconds / len(chosen)
+        share = seconds / waves(len(chosen), self.workers)
         return {a: passes_in(share, self.speeds[a], self.train_images, self.selection_images) for a in chosen}
 
     def pair(self, share: float) -> tuple[tuple[str, ...], float] | None:
@@ -201,7 +246,9 @@ class _Budgeting:
         members = self.members
         for chosen in ((members[0], members[1]) if len(members) > 1 else None, (members[0], members[0])):
             seconds = share * self.usable(chosen) if chosen else 0.0
-            if chosen and min(self.passes(seconds, chosen).values()) >= self.settings.pair_min_passes:
+            # Two seeds side by side cost no time over one run: only a slower second member must get its passes.
+            free = chosen == (members[0], members[0]) and waves(2, self.workers) == 1
+            if chosen and (free or min(self.passes(seconds, chosen).values()) >= self.settings.pair_min_passes):
                 return chosen, seconds
         return None
 
@@ -217,11 +264,15 @@ class _Budgeting:
     def pair_note(self) -> str:
         if len(self.members) == 1:
             passes = self.passes(self.usable((self.members[0],) * 2), (self.members[0],) * 2)[self.members[0]]
+            if waves(2, self.workers) == 1:
+                return (f"two {self.members[0]} runs side by side, {passes:.1f} passes each (no other member's "
+                        "speed measured)")
             return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; half the time buys "
                     f"{self.members[0]} {passes:.1f} (no other member's speed measured: none could pair)")
         everyone = tuple(self.members)
         bought = self.passes(self.usable(everyone), everyone).values()
-        return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; the whole time split between "
+        split = "the whole time side by side for" if waves(2, self.workers) == 1 else "the whole time split between"
+        return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; {split} "
                 + " and ".join(self.members) + " buys " + " and ".join(f"{p:.1f}" for p in bought))
 
     def search(self, final_seconds: float, chosen: tuple[str, ...]) -> tuple[float, dict[str, int]]:
@@ -233,7 +284,7 @@ class _Budgeting:
         for arch in searching:
             one = (rung * pass_seconds(self.speeds[arch], self.train_images)
                    + run_overhead(self.speeds[arch], self.selection_images))
-            configs[arch] = int((self.usable(chosen) - final_seconds) / len(searching) // one)
+            configs[arch] = int(self.workers * (self.usable(chosen) - final_seconds) / len(searching) // one)
         return rung, configs
 
     def judge(self, chosen: tuple[str, ...], final_seconds: float,

@@ -37,7 +37,7 @@ from .candidates import candidate_fingerprint, load_candidates
 from .console import EnsembleOutcome, TuneSummary, members_phase, phase, print_summary
 from .description import description, outcome_lines, plan_lines
 from .figures import log_session_figures, log_study_figures
-from .launcher import launched
+from .launcher import launched, share_cores
 from .phases import enqueue_defaults, enqueue_finals, enqueue_refits, refit_enabled, session_plan
 from .plan import mirror_fits, mirror_seconds
 from .session import Session, open_session, session_budget
@@ -71,6 +71,7 @@ def run_tuning(preset: Preset, options: WorkerOptions = WorkerOptions()) -> Tune
         f"storage {tracking.redact(session.storage_url)}, {preset.study.trials} trials per member")
     if options.setup_only:
         return None
+    share_cores(preset)  # --n-jobs as processes on the CPU: this worker's share, before the plan measures speeds
     session = start_clock(session, entered)  # prints the plan of a time budget
     with parent_closed_on_failure(session), launched(session) as jobs:  # --n-jobs as processes: starts them
         search(session, options.progress, jobs.threads)  # [1/3] member studies

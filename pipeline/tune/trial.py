@@ -80,11 +80,12 @@ def trial_configs(session: Session, arch: str, trial: optuna.Trial,
 def budgeted_configs(session: Session, trial: optuna.Trial,
                      train_cfg: TrainConfig) -> tuple[TrainConfig, Deadline | None]:
     """In a time budget: a search run lasts the plan's rung (its schedule ends with it); a final run
-    lasts its share of what is left of the final phase. Without one: the preset's epochs."""
+    lasts its share of what is left of the final phase (all of it with a worker per final run).
+    Without one: the preset's epochs."""
     if session.budget is None or session.plan is None:
         return train_cfg, None
     if keys.is_final(trial):
-        end = final_deadline(session.clock(), session.budget.final_end, waiting_finals(session))
+        end = final_deadline(session.clock(), session.budget.final_end, waiting_finals(session), session.plan.workers)
         return train_cfg, Deadline(end, session.clock)
     return replace(train_cfg, epochs=search_epochs(session.plan, session.preset, len(session.data.train))), None
 
