@@ -82,8 +82,8 @@ def session_plan(session: Session, budget: Budget) -> tuple[Plan, bool]:
         if not pair_affordable(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds, *sizes):
             rest = [a for a in s.members if a not in speeds]
             if rest:
-                say(f"speed of {', '.join(rest)}: not measured (two {arch} runs cannot get "
-                    f"{s.pair_min_passes:g} passes each in this budget: no pair can)")
+                say(f"speed of {', '.join(rest)}: not measured ({arch} cannot get {s.pair_min_passes:g} passes "
+                    f"a run as one of a pair in this budget, so no slower member can: no pair of members)")
             break
     plan = make_plan(speeds, budget.seconds, session.clock() - budget.started, budget.tail_seconds, *sizes)
     first.set_user_attr(keys.PLAN, plan.to_dict())

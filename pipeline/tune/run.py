@@ -130,7 +130,8 @@ def final_runs(session: Session, progress: bool, threads: int) -> None:
         finals = enqueue_finals(session, session.plan)
         if finals:
             say("final runs: " + ", ".join(f"{a} with {origin}" for a, origin in finals.items())
-                + ", each with a schedule ending at its share of the final phase")
+                + (", side by side, each with a schedule ending at the final phase's end" if session.plan.side_by_side
+                   else ", each with a schedule ending at its share of the final phase"))
     elif refit_enabled(session):
         continued = enqueue_refits(session)
         if continued:
