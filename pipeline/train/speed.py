@@ -18,6 +18,12 @@ from ..rng import RunRandom, global_draws
 from .device import on_device, resolve_device, resolve_precision, synchronize
 from .loop import TrainStep, make_optimizer, predict_logits, train_one_epoch
 
+PROBE_BATCH = 32  # images per timed step
+
+
+def probe_batch(train_cfg: TrainConfig, data: Dataset) -> int:
+    return min(PROBE_BATCH, train_cfg.batch_size, len(data.train.labels))
+
 
 def _probe_step(model_cfg: ModelConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                 data_cfg: DataConfig, train_cfg: TrainConfig, batch: int) -> tuple[Callable[[int], float], object]:
@@ -43,13 +49,13 @@ def _probe_step(model_cfg: ModelConfig, images: torch.Tensor, labels: torch.Tens
 
 
 def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
-                  steps: int = 2, batch: int = 32, warmed: Callable[[], None] | None = None) -> tuple[float, float]:
+                  steps: int = 2, warmed: Callable[[], None] | None = None) -> tuple[float, float]:
     """(training images per second, evaluation seconds per image) of this configuration: ``steps``
-    training steps of ``batch`` images after one untimed warm-up step, and the faster of two passes
+    training steps of ``probe_batch`` images after one untimed warm-up step, and the faster of two passes
     over an evaluation batch (a few seconds in all: the probe's time comes out of the budget it plans; per-image
     speed of these convnets on a CPU barely depends on the batch size). ``warmed`` is called between
     the warm-up and the timed steps."""
-    batch = min(batch, train_cfg.batch_size, len(data.train.labels))
+    batch = probe_batch(train_cfg, data)
     train, (model, augment, device, precision) = _probe_step(
         model_cfg, data.train.images, data.train.labels, data.num_classes, data_cfg, train_cfg, batch)
     train(1)
@@ -96,7 +102,7 @@ def measure_speed_shared(model_cfg: ModelConfig, data: Dataset, data_cfg: DataCo
         return (*measure_speed(model_cfg, data, data_cfg, train_cfg), 1)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA context or locks
     ready, stop = context.Barrier(processes), context.Event()
-    batch = min(32, train_cfg.batch_size, len(data.train.labels))
+    batch = probe_batch(train_cfg, data)
     load = Load(model_cfg, data_cfg, train_cfg, data.train.images[:4 * batch].clone(),
                 data.train.labels[:4 * batch].clone(), data.num_classes, batch, torch.get_num_threads())
     others = [context.Process(target=step_until, args=(load, ready, stop, start_seconds), daemon=True)
@@ -113,7 +119,7 @@ def measure_speed_shared(model_cfg: ModelConfig, data: Dataset, data_cfg: DataCo
     try:
         for proc in others:
             proc.start()
-        rate, eval_rate = measure_speed(model_cfg, data, data_cfg, train_cfg, batch=batch, warmed=warmed)
+        rate, eval_rate = measure_speed(model_cfg, data, data_cfg, train_cfg, warmed=warmed)
     finally:
         stop.set()
         for proc in others:

@@ -224,6 +224,11 @@ class _Budgeting:
         return self.settings.workers
 
     @property
+    def pair_side_by_side(self) -> bool:
+        """Whether a pair's two runs each have a worker (a second seed then costs no time)."""
+        return waves(2, self.workers) == 1
+
+    @property
     def noise(self) -> float:
         """One standard error of an accuracy near 75 % on the selection split."""
         return math.sqrt(0.75 * 0.25 / max(1, self.selection_images))
@@ -247,7 +252,7 @@ class _Budgeting:
         for chosen in ((members[0], members[1]) if len(members) > 1 else None, (members[0], members[0])):
             seconds = share * self.usable(chosen) if chosen else 0.0
             # Two seeds side by side cost no time over one run: only a slower second member must get its passes.
-            free = chosen == (members[0], members[0]) and waves(2, self.workers) == 1
+            free = chosen == (members[0], members[0]) and self.pair_side_by_side
             if chosen and (free or min(self.passes(seconds, chosen).values()) >= self.settings.pair_min_passes):
                 return chosen, seconds
         return None
@@ -264,14 +269,14 @@ class _Budgeting:
     def pair_note(self) -> str:
         if len(self.members) == 1:
             passes = self.passes(self.usable((self.members[0],) * 2), (self.members[0],) * 2)[self.members[0]]
-            if waves(2, self.workers) == 1:
+            if self.pair_side_by_side:
                 return (f"two {self.members[0]} runs side by side, {passes:.1f} passes each (no other member's "
                         "speed measured)")
             return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; half the time buys "
                     f"{self.members[0]} {passes:.1f} (no other member's speed measured: none could pair)")
         everyone = tuple(self.members)
         bought = self.passes(self.usable(everyone), everyone).values()
-        split = "the whole time side by side for" if waves(2, self.workers) == 1 else "the whole time split between"
+        split = "the whole time side by side for" if self.pair_side_by_side else "the whole time split between"
         return (f"a pair needs {self.settings.pair_min_passes:g} passes per final run; {split} "
                 + " and ".join(self.members) + " buys " + " and ".join(f"{p:.1f}" for p in bought))
 
