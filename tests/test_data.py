@@ -40,6 +40,7 @@ from pipeline.config import DataConfig
 from pipeline.data import BatchAugmenter, DataError, Normalizer, load_dataset, summarize
 from pipeline.data.augment import NORMALIZATION, POLICIES, build_policy
 from pipeline.data.cache import file_pages, release_pages
+from pipeline.data.crossfit import stratified_folds
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every decode.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -889,3 +890,16 @@ def test_unibuc_sample(tmp_path: Path) -> None:
     again = load_dataset(config(SAMPLE, cache))
     assert again.train.cache_hit and again.validation.cache_hit
     assert torch.equal(again.train.images, ds.train.images)
+
+
+@pytest.mark.parametrize("per_class", [[1, 1, 1, 1, 1], [3, 1, 2, 5, 1], [250] * 5])
+def test_selection_halves_are_stratified_and_never_empty(per_class):
+    """A pair's final runs each hold out one half of the selection split (crossfit): with one image of
+    a class, or an odd count, the halves must still both hold images and differ by at most one."""
+    labels = np.repeat(np.arange(len(per_class)), per_class)
+    folds = stratified_folds(labels, 2, seed=3)
+    sizes = np.bincount(folds, minlength=2)
+    assert abs(int(sizes[0]) - int(sizes[1])) <= 1 and sizes.min() >= 1, sizes
+    for c, n in enumerate(per_class):
+        in_first = int((folds[labels == c] == 0).sum())
+        assert abs(in_first - (n - in_first)) <= 1, (c, n, in_first)

@@ -29,6 +29,7 @@ from workers import (
 )
 
 from pipeline.config import EXPERIMENTS_DIR, StudyConfig, load_preset, preset_yaml
+from pipeline.tune.keys import RETRY
 from pipeline.tune.launcher import Child, Jobs, child_env, cpu_share, runs_processes
 
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -154,3 +155,53 @@ def test_sigterm_to_the_launcher_stops_its_workers(small_data, tmp_path, mlflow_
         assert "interrupted" in trials[victim.number].user_attrs["error"]
     assert len([t for t in trials if t.state == TrialState.WAITING]) == 2
     assert all(r.info.status != "RUNNING" for r in session_runs(client))
+
+
+@pytest.mark.slow
+def test_a_started_worker_killed_mid_trial_loses_nothing(small_data, tmp_path, mlflow_template):
+    """Issue 31: a budgeted session, ``--n-jobs 2 --jobs-as processes``; the started worker is SIGKILLed
+    mid-trial (no chance to close anything). The launcher re-runs the lost trial, finishes the session
+    and builds the ensemble once."""
+    seed_store(mlflow_template, tmp_path)
+    # Search in 70 % of 45 s (room for the lost trial's retry after the 2 s heartbeat grace), then finals.
+    preset = write_preset(tmp_path / "preset.yaml", small_data, trials=100, epochs=2, time_budget="45s",
+                          final_fraction=0.3, tail_seconds=5.0, min_rung_passes=20.0)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    log = tmp_path / "tune.log"
+    proc = start_worker(tune_args(preset, "kill", storage, "--n-jobs", "2", "--jobs-as", "processes"), tmp_path, log,
+                        TMPDIR=str(tmp_path))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    started = wait_for(lambda: "beside this one (pid " in log.read_text(), 120, "the worker process", proc, log)
+    child = int(log.read_text().split("beside this one (pid ")[1].split(")")[0]) if started else 0
+
+    def child_mid_trial():
+        ids = {t.user_attrs.get("mlflow_run_id"): t for t in load_trials(storage, "kill.cnn_v1")
+               if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1}
+        mine = [t for run_id, t in ids.items()
+                if run_id and client.get_run(run_id).data.tags.get("worker", "").endswith(f":{child}")]
+        return mine[0] if mine else None
+
+    victim = wait_for(child_mid_trial, 120, "a trial mid-training in the started worker", proc, log)
+    os.kill(child, signal.SIGKILL)
+    out = finish(proc, log, timeout=180)
+    assert proc.returncode == 0, out
+    assert f"worker process 1 (pid {child}) was killed by SIGKILL" in out
+    trials = load_trials(storage, "kill.cnn_v1")
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[victim.number].state == TrialState.FAIL  # failed by the launcher once its heartbeat stopped
+    retries = [t for t in trials if RETRY.retried_trial_number(t) == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, "the lost trial ran again"
+    assert retries[0].params == victim.params
+    runs = session_runs(client)
+    assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    lost = client.get_run(victim.user_attrs["mlflow_run_id"])  # closed by the launcher, saying why
+    assert lost.info.status == "FAILED" and lost.data.tags["stopped_by"] == "heartbeat", lost.data.tags
+    assert client.get_run(retries[0].user_attrs["mlflow_run_id"]).data.tags["worker"].endswith(f":{proc.pid}")
+    parents = [r for r in runs if r.data.tags.get("kind") == "tune-session"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(client.search_model_versions("name='deepfake-ensemble'")) == 1
+    assert out.count("[2/3]") == 1 and out.count("[3/3]") == 1  # the ensemble, built and registered once
+    finals = [t.state.name for t in trials if t.user_attrs.get("phase") == "final"]
+    assert "COMPLETE" in finals, finals  # the survivor's final run, to the phase's end (docs/scale-out.md)
+    print(f"\nthe started worker SIGKILLed mid-trial: {len(trials)} trials, trial {victim.number} ran again as "
+          f"{retries[0].number}; final runs {finals}; 1 model version")

@@ -20,12 +20,16 @@ HALVES = 2
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """A fold per row, stratified by class (each class dealt round-robin after a seeded shuffle)."""
+    """A fold per row, stratified by class: each class dealt round-robin after a seeded shuffle, the
+    deal going on where the last class's ended, so a class's odd image goes to a fold that had none
+    (one image per class still fills both halves of two folds; even class sizes deal as before)."""
     rng = np.random.default_rng(seed)
     out = np.zeros(len(labels), dtype=np.int64)
+    dealt = 0
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        out[rng.permutation(rows)] = np.arange(len(rows)) % folds
+        out[rng.permutation(rows)] = (dealt + np.arange(len(rows))) % folds
+        dealt += len(rows)
     return out
 
 
