@@ -171,14 +171,14 @@ def test_a_started_worker_killed_mid_trial_loses_nothing(small_data, tmp_path, m
     proc = start_worker(tune_args(preset, "kill", storage, "--n-jobs", "2", "--jobs-as", "processes"), tmp_path, log,
                         TMPDIR=str(tmp_path))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    started = wait_for(lambda: "beside this one (pid " in log.read_text(), 120, "the worker process", proc, log)
-    child = int(log.read_text().split("beside this one (pid ")[1].split(")")[0]) if started else 0
+    wait_for(lambda: "beside this one (pid " in log.read_text(), 120, "the worker process", proc, log)
+    child = int(log.read_text().split("beside this one (pid ")[1].split(")")[0])
 
     def child_mid_trial():
-        ids = {t.user_attrs.get("mlflow_run_id"): t for t in load_trials(storage, "kill.cnn_v1")
-               if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1}
-        mine = [t for run_id, t in ids.items()
-                if run_id and client.get_run(run_id).data.tags.get("worker", "").endswith(f":{child}")]
+        running = [t for t in load_trials(storage, "kill.cnn_v1") if t.state == TrialState.RUNNING
+                   and t.intermediate_values and t.user_attrs.get("mlflow_run_id")]
+        mine = [t for t in running
+                if client.get_run(t.user_attrs["mlflow_run_id"]).data.tags.get("worker", "").endswith(f":{child}")]
         return mine[0] if mine else None
 
     victim = wait_for(child_mid_trial, 120, "a trial mid-training in the started worker", proc, log)

@@ -26,9 +26,9 @@ def probe_batch(train_cfg: TrainConfig, data: Dataset) -> int:
 
 
 def _probe_step(model_cfg: ModelConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                data_cfg: DataConfig, train_cfg: TrainConfig, batch: int) -> tuple[Callable[[int], float], object]:
+                data_cfg: DataConfig, train_cfg: TrainConfig, batch: int) -> tuple[Callable[[int], float], TrainStep]:
     """A training step of this configuration as the runs take it: (``train(n)``: seconds for ``n``
-    steps of ``batch`` images, the batch augmenter)."""
+    steps of ``batch`` images, the step with its model, augmenter, device and precision)."""
     device = resolve_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     with global_draws(train_cfg.seed):
@@ -45,7 +45,7 @@ def _probe_step(model_cfg: ModelConfig, images: torch.Tensor, labels: torch.Tens
         synchronize(device)
         return time.perf_counter() - t0
 
-    return train, (model, augment, device, precision)
+    return train, step
 
 
 def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, train_cfg: TrainConfig,
@@ -56,19 +56,20 @@ def measure_speed(model_cfg: ModelConfig, data: Dataset, data_cfg: DataConfig, t
     speed of these convnets on a CPU barely depends on the batch size). ``warmed`` is called between
     the warm-up and the timed steps."""
     batch = probe_batch(train_cfg, data)
-    train, (model, augment, device, precision) = _probe_step(
+    train, step = _probe_step(
         model_cfg, data.train.images, data.train.labels, data.num_classes, data_cfg, train_cfg, batch)
     train(1)
     if warmed is not None:
         warmed()
     seconds = train(steps)
-    val = on_device(data.validation.images, device)
+    val = on_device(data.validation.images, step.device)
     n_eval = min(len(val), train_cfg.eval_batch_size)
 
     def evaluate() -> float:
         t0 = time.perf_counter()
-        predict_logits(model, val[:n_eval], augment.normalizer, device, precision, train_cfg.eval_batch_size)
-        synchronize(device)
+        predict_logits(step.model, val[:n_eval], step.augment.normalizer, step.device, step.precision,
+                       train_cfg.eval_batch_size)
+        synchronize(step.device)
         return time.perf_counter() - t0
 
     # The first pass at a new batch shape builds its kernels (measured here: 134 images/s cold against

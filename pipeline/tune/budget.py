@@ -12,7 +12,6 @@ Everything here takes the clock as an argument (``time.time`` in use, a fake in 
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import optuna
 
 from ..train import StopTraining
 from .keys import EPOCH_SECONDS
+from .plan import waves
 
 Clock = Callable[[], float]
 
@@ -88,8 +88,7 @@ def final_deadline(now: float, final_end: float, waiting: int, workers: int = 1)
     ``waiting`` final runs not yet started, run ``workers`` at a time, so the plan's workers running
     them in rounds run every one (with a worker per run: each to the phase's end). Workers that start
     final runs at the same moment each see fewer waiting and take more."""
-    rounds = math.ceil((1 + max(0, waiting)) / max(1, workers))
-    return now + max(0.0, final_end - now) / rounds
+    return now + max(0.0, final_end - now) / waves(1 + max(0, waiting), workers)
 
 
 class EpochBudget:
